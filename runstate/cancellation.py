@@ -1,0 +1,148 @@
+"""Cancellation of running runs across processes.
+
+A cancel (``Coordinator.cancel``) writes the terminal status and a durable marker
+(``{sid}:cancel`` = run_id) in one script, then publishes ``"<sid> <run_id>"`` on the cancel
+channel. A :class:`CancelWatcher` serves every run of a process over one pub/sub connection and,
+because pub/sub messages are lost while a connection is down, also polls the markers of its runs
+every ``poll_interval`` seconds (and at once after reconnecting). Runs see the cancel at their
+next safe point through their :class:`CancelToken`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from .retry import TRANSIENT_ERRORS
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+class CancelToken:
+    """The cancellation state of one run (the vocabulary of anyio's ``CancelScope``)."""
+
+    __slots__ = ("_event", "reason")
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self.reason: str | None = None
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Ask the run to stop at its next safe point; the first reason given is kept."""
+        if not self._event.is_set():
+            self.reason = reason
+            self._event.set()
+
+    @property
+    def cancel_called(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self) -> None:
+        """Return once the token is cancelled."""
+        await self._event.wait()
+
+
+class CancelWatcher:
+    """Delivers cancels of the runs this process is running to their tokens.
+
+    Args:
+        store: where markers are read and the channel lives.
+        poll_interval: seconds between marker polls (the bound on a cancel's latency when
+            pub/sub messages are lost).
+    """
+
+    def __init__(self, store: Store, *, poll_interval: float = 1.0) -> None:
+        if poll_interval <= 0:
+            raise ValueError(f"poll_interval must be > 0 seconds, got {poll_interval!r}")
+        self._store = store
+        self.poll_interval = poll_interval
+        self._runs: dict[str, tuple[str, CancelToken]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pubsub: Any = None
+        self.listening = asyncio.Event()  # set while the pub/sub subscription is up
+
+    def watch(self, session_id: str, run_id: str, token: CancelToken | None = None) -> CancelToken:
+        """Start delivering cancels of ``run_id`` to a token (a new one unless given)."""
+        token = token or CancelToken()
+        self._runs[session_id] = (run_id, token)
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks = [
+                loop.create_task(self._listen(), name="runstate-cancel-listen"),
+                loop.create_task(self._poll_loop(), name="runstate-cancel-poll"),
+            ]
+        return token
+
+    def unwatch(self, session_id: str, run_id: str) -> None:
+        current = self._runs.get(session_id)
+        if current is not None and current[0] == run_id:
+            del self._runs[session_id]
+
+    def _deliver(self, session_id: str, run_id: str, reason: str = "cancelled") -> None:
+        current = self._runs.get(session_id)
+        if current is not None and current[0] == run_id:
+            current[1].cancel(reason)
+
+    async def poll(self) -> None:
+        """Check the cancel markers of every watched run once."""
+        runs = list(self._runs.items())
+        if not runs:
+            return
+        markers = await self._store.cancel_markers([sid for sid, _ in runs])
+        for (sid, (run_id, _)), marker in zip(runs, markers, strict=True):
+            if marker == run_id:
+                self._deliver(sid, run_id)
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                await self.poll()
+            except Exception as exc:  # never let a poll kill the watcher
+                log.warning("cancel poll failed: %r", exc)
+
+    async def _listen(self) -> None:
+        wait = 0.05
+        channel = self._store.keys.cancel_channel
+        while True:
+            pubsub = self._pubsub = self._store.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(channel)
+                self.listening.set()
+                wait = 0.05
+                await self.poll()  # whatever was published while we were not listening
+                async for message in pubsub.listen():
+                    self._on_message(message)
+            except asyncio.CancelledError:
+                raise
+            except TRANSIENT_ERRORS as exc:
+                log.warning("cancel listener lost Redis (%r); retrying in %.2fs", exc, wait)
+            except Exception as exc:
+                log.error("cancel listener failed: %r; retrying in %.2fs", exc, wait)
+            finally:
+                self.listening.clear()
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 2.0)
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        if message.get("type") != "message":
+            return
+        data = message.get("data")
+        parts = data.split(" ") if isinstance(data, str) else []
+        if len(parts) != 2:
+            log.warning("ignoring malformed cancel message %r", data)
+            return
+        self._deliver(parts[0], parts[1])
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []

@@ -1,0 +1,69 @@
+"""Settings for runstate: the one place that reads the process environment.
+
+Everything else in the library takes explicit arguments; callers that want
+environment-driven defaults call :func:`load_settings` and pass the result on.
+Explicit arguments always win over the environment, and an environment
+variable set to the empty string counts as unset.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .keys import DEFAULT_PREFIX
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "ENV_PREFIX",
+    "ENV_URL",
+    "Settings",
+    "load_settings",
+]
+
+ENV_URL = "RUNSTATE_REDIS_URL"
+"""Environment variable holding the Redis URL (e.g. ``redis://host:6379/0``)."""
+
+ENV_PREFIX = "RUNSTATE_PREFIX"
+"""Environment variable holding the key prefix for every key runstate writes."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Resolved connection settings.
+
+    Attributes:
+        redis_url: URL of the Redis-compatible server, or ``None`` when none was
+            configured (callers may then start an embedded server).
+        prefix: Namespace prefix for all keys.
+    """
+
+    redis_url: str | None
+    prefix: str
+
+
+def _env(name: str, environ: Mapping[str, str]) -> str | None:
+    """Return the value of ``name`` in ``environ``, treating ``""`` as unset."""
+    value = environ.get(name)
+    return value if value else None
+
+
+def load_settings(redis_url: str | None = None, prefix: str | None = None) -> Settings:
+    """Resolve settings from arguments, then the environment, then defaults.
+
+    Args:
+        redis_url: Explicit Redis URL; overrides ``RUNSTATE_REDIS_URL``.
+        prefix: Explicit key prefix; overrides ``RUNSTATE_PREFIX``.
+
+    Returns:
+        The resolved :class:`Settings`. ``redis_url`` is ``None`` when neither
+        the argument nor the environment provides one.
+    """
+    environ = os.environ
+    url = redis_url if redis_url is not None else _env(ENV_URL, environ)
+    resolved_prefix = prefix if prefix is not None else _env(ENV_PREFIX, environ)
+    return Settings(
+        redis_url=url,
+        prefix=resolved_prefix if resolved_prefix is not None else DEFAULT_PREFIX,
+    )

@@ -1,0 +1,65 @@
+-- Append a batch of events of a running run: fenced, idempotent on (run_id, seq), one round trip.
+-- KEYS[1..5] the session's keys (see _lib.lua)
+-- ARGV[1] run_id
+-- ARGV[2] attempt
+-- ARGV[3] seq of the first event in the batch (the run's events are numbered 1, 2, 3, ...)
+-- ARGV[4] now, ISO-8601 UTC
+-- ARGV[5] stream MAXLEN
+-- ARGV[6] critical list cap
+-- ARGV[7] number of events N, then 8 values per event:
+--   type, data JSON, flags ('c' critical, 'b' budget), tool name ('' keeps the last),
+--   tool phase ('' for no tool event), round count (''), dedupe field (''), dedupe value
+-- returns {'ok', id...}        one id per newly written event (events already written by an
+--                              earlier try of the same batch are skipped, not written twice)
+--       | {'stale', status, current_run_id}
+--       | {'seq', expected_seq}   the batch does not follow the last written event
+
+local h = redis.call('HMGET', RUNNER, 'run_id', 'status', 'attempt', 'seq')
+if h[1] ~= ARGV[1] or h[2] ~= 'running' or h[3] ~= ARGV[2] then
+  return {'stale', h[2] or '', h[1] or ''}
+end
+local seq = tonumber(h[4]) or 0
+local first = tonumber(ARGV[3])
+if first > seq + 1 then return {'seq', seq + 1} end
+
+local pos = stream_position()
+local ids = {'ok'}
+local diag = {}
+local n = tonumber(ARGV[7])
+for i = 0, n - 1 do
+  local s = first + i
+  if s > seq then
+    local b = 8 + i * 8
+    local etype, data, flags = ARGV[b], ARGV[b + 1], ARGV[b + 2]
+    ids[#ids + 1] = append(pos, ARGV[5], ARGV[1], s, etype, data)
+    seq = s
+    if ARGV[b + 4] ~= '' then
+      if ARGV[b + 3] ~= '' then diag['last_tool_name'] = ARGV[b + 3] end
+      diag['last_tool_phase'] = ARGV[b + 4]
+    end
+    if ARGV[b + 5] ~= '' then diag['round_count'] = ARGV[b + 5] end
+    if string.find(flags, 'b', 1, true) then diag['last_budget_event'] = data end
+    if string.find(flags, 'c', 1, true) then
+      local field, value = ARGV[b + 6], ARGV[b + 7]
+      if field ~= '' then
+        for _, old in ipairs(redis.call('LRANGE', CRITICAL, 0, -1)) do
+          local ok, decoded = pcall(cjson.decode, old)
+          if ok and type(decoded) == 'table' and decoded[field] == value then
+            redis.call('LREM', CRITICAL, 0, old)
+          end
+        end
+      end
+      redis.call('RPUSH', CRITICAL, data)
+      redis.call('LTRIM', CRITICAL, -tonumber(ARGV[6]), -1)
+    end
+  end
+end
+
+local fields = {'seq', seq, 'last_event_at', ARGV[4],
+  'last_event_id', string.format('%d-%d', pos[1], pos[2]), 'event_count', pos[2]}
+for k, v in pairs(diag) do
+  fields[#fields + 1] = k
+  fields[#fields + 1] = v
+end
+redis.call('HSET', RUNNER, unpack(fields))
+return ids

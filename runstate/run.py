@@ -1,0 +1,107 @@
+"""A claimed run as its owner sees it: the fenced writer of its events and its cancel token."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from .cancellation import CancelToken
+from .errors import RunCancelled, StaleRunError
+from .events import AgentEvent, Complete, Error, JSONObject, coerce_event
+from .store import Claimed, Store
+
+
+class RunHandle:
+    """Writes one run's events, fenced by run_id and attempt, numbered for idempotent retries.
+
+    Obtained from :meth:`runstate.Coordinator.claim`. A write refused by the fence raises
+    :class:`RunCancelled` (the run was cancelled) or :class:`RunSuperseded` (a newer run or
+    attempt owns the session); neither touches the newer run.
+
+    If a write fails because Redis stayed unreachable, its events are kept and written ahead of
+    the next write (never twice: the script skips sequence numbers it has already stored), so
+    do not emit them again.
+    """
+
+    def __init__(self, store: Store, claimed: Claimed, token: CancelToken) -> None:
+        self._store = store
+        self.session_id = claimed.session_id
+        self.run_id = claimed.run_id
+        self.attempt = claimed.attempt
+        self.payload: Any = claimed.payload
+        self.parent = claimed.parent
+        self.token = token
+        self._seq = claimed.seq  # the last sequence number known written
+        self._unsent: list[AgentEvent] = []  # events of a write whose outcome is unknown
+        self._lock = asyncio.Lock()
+        self.ended = False
+
+    @property
+    def seq(self) -> int:
+        """The sequence number of the last event written."""
+        return self._seq
+
+    @property
+    def cancelled(self) -> bool:
+        return self.token.cancel_called
+
+    async def checkpoint(self) -> None:
+        """The safe point: raise :class:`RunCancelled` if this run was cancelled."""
+        await asyncio.sleep(0)
+        if self.token.cancel_called:
+            raise RunCancelled(self.session_id, self.run_id, self.token.reason or "cancelled")
+
+    async def emit(self, event: AgentEvent | JSONObject) -> str:
+        """Write one event (a model, or a dict with a ``type``); returns its stream id."""
+        ids = await self.emit_many([event])
+        return ids[-1]
+
+    async def emit_many(self, events: Sequence[AgentEvent | JSONObject]) -> list[str]:
+        """Write several events in one round trip, in order; returns their stream ids."""
+        batch = [coerce_event(e) for e in events]
+        async with self._lock:
+            pending = self._unsent + batch
+            try:
+                ids = await self._store.emit(
+                    self.session_id, self.run_id, self.attempt, self._seq + 1, pending
+                )
+            except StaleRunError as exc:
+                self._unsent = []
+                self._refused(exc)
+                raise
+            except BaseException:
+                self._unsent = pending
+                raise
+            self._unsent = []
+            self._seq += len(pending)
+            return ids[-len(batch) :] if batch else []
+
+    async def complete(self, usage: JSONObject | None = None) -> None:
+        """End the run as ``completed`` with a ``complete`` event."""
+        await self._finish(Complete(usage=usage), None)
+
+    async def fail(self, message: str) -> None:
+        """End the run as ``error`` with an ``error`` event carrying ``message``."""
+        await self._finish(Error(message=message), message)
+
+    async def _finish(self, event: AgentEvent, error: str | None) -> None:
+        async with self._lock:
+            if self._unsent:
+                # Settle the events of a failed write first, so the terminal event stays last.
+                await self._store.emit(
+                    self.session_id, self.run_id, self.attempt, self._seq + 1, self._unsent
+                )
+                self._seq += len(self._unsent)
+                self._unsent = []
+            try:
+                await self._store.finish(self.session_id, self.run_id, self.attempt, event, error)
+            except StaleRunError as exc:
+                self._refused(exc)
+                raise
+            self.ended = True
+            await self._store.unindex(self.session_id)
+
+    def _refused(self, exc: StaleRunError) -> None:
+        self.ended = True
+        self.token.cancel("cancelled" if isinstance(exc, RunCancelled) else f"superseded: {exc}")

@@ -1,0 +1,410 @@
+"""Subscribing to a session's events (DESIGN §4), with one Redis reader per process.
+
+A :class:`Hub` owns one connection that blocks in a single ``XREAD`` over every stream watched in
+this process, decodes each entry once and hands it to every local subscriber's bounded buffer.
+When the set of watched streams changes, the blocked read is woken with ``CLIENT UNBLOCK`` (or,
+where that is not allowed, by cancelling it).
+
+Each subscriber checks the ordinal in every event id (``<ms>-<n>``, n counting the session's
+events), so it knows exactly how many events it did not get: if events were trimmed away before
+it read them, it is told with a ``gap`` event carrying that number, then gets the snapshot replay
+and the live tail. A subscriber whose buffer fills up is not a reason to stall the reader or grow
+memory: its buffer is dropped and it catches up from Redis on its own, which only costs a gap if
+the events it missed have been trimmed meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+from redis import exceptions as rexc
+
+from .errors import RunstateError
+from .events import Gap, StreamEvent
+from .keys import validate_session_id
+from .retry import TRANSIENT_ERRORS
+from .store import Snapshot, Store, decode_entry, parse_stream_id
+
+log = logging.getLogger(__name__)
+
+CATCH_UP_PAGE = 500
+
+
+class _Overflow(Exception):
+    """The subscriber fell behind its buffer; it must catch up from Redis."""
+
+
+class _Sub:
+    __slots__ = ("error", "items", "limit", "overflowed", "start", "waiter")
+
+    def __init__(self, limit: int, start: str) -> None:
+        self.items: deque[StreamEvent] = deque()
+        self.limit = limit
+        self.overflowed = False
+        self.start = start  # the hub's cursor when this subscriber attached
+        self.waiter: asyncio.Future[None] | None = None
+        self.error: BaseException | None = None
+
+    def push(self, event: StreamEvent) -> None:
+        if self.overflowed:
+            return
+        if len(self.items) >= self.limit:
+            self.overflowed = True
+            self.items.clear()
+        else:
+            self.items.append(event)
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def get(self) -> StreamEvent:
+        while not self.items:
+            if self.error is not None:
+                raise self.error
+            if self.overflowed:
+                raise _Overflow
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.items.popleft()
+
+
+class _Watch:
+    __slots__ = ("cursor", "subs")
+
+    def __init__(self, cursor: str) -> None:
+        self.cursor = cursor
+        self.subs: set[_Sub] = set()
+
+
+class Hub:
+    """Reads every watched session stream of this process over one connection and fans out.
+
+    Args:
+        store: the store whose client the reader connection comes from.
+        block_ms: how long one XREAD blocks before looping.
+        buffer: how many undelivered events one subscriber may hold before it must catch up
+            from Redis by itself.
+        count: the most entries read per stream per XREAD.
+    """
+
+    def __init__(
+        self, store: Store, *, block_ms: int = 5000, buffer: int = 1024, count: int = 1000
+    ) -> None:
+        if buffer < 1:
+            raise ValueError(f"subscriber buffer must be at least 1, got {buffer!r}")
+        self._store = store
+        self._block_ms = block_ms
+        self._buffer = buffer
+        self._count = count
+        self._watches: dict[str, _Watch] = {}
+        self._conn: Any = None
+        self._reader_id: int | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._read: asyncio.Future[Any] | None = None
+        self._idle = asyncio.Event()
+        self._gen = 0  # bumped whenever the set of watched streams changes
+        self._reading_gen = -1  # the generation of the XREAD in flight, -1 when none
+        self._kicking = False
+        self._unblock_works = True
+        self._closed = False
+
+    @property
+    def watched(self) -> int:
+        """How many streams this process is reading (for tests and diagnostics)."""
+        return len(self._watches)
+
+    @property
+    def subscribers(self) -> int:
+        return sum(len(w.subs) for w in self._watches.values())
+
+    def attach(self, session_id: str, after: str) -> _Sub:
+        if self._closed:
+            raise RunstateError("the coordinator is closed")
+        watch = self._watches.get(session_id)
+        if watch is None:
+            watch = self._watches[session_id] = _Watch(after)
+            self._gen += 1
+            self._idle.set()
+            self._ensure_reader()
+            self._kick()
+        sub = _Sub(self._buffer, watch.cursor)
+        watch.subs.add(sub)
+        return sub
+
+    def detach(self, session_id: str, sub: _Sub) -> None:
+        watch = self._watches.get(session_id)
+        if watch is None:
+            return
+        watch.subs.discard(sub)
+        if not watch.subs:
+            del self._watches[session_id]
+            self._gen += 1
+
+    async def aclose(self) -> None:
+        self._closed = True
+        error = RunstateError("the coordinator was closed")
+        for watch in self._watches.values():
+            for sub in watch.subs:
+                sub.fail(error)
+        self._watches.clear()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._conn is not None:
+            await self._conn.aclose()
+
+    # ---- the reader ---------------------------------------------------------------------------
+
+    def _ensure_reader(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="runstate-hub")
+
+    def _kick(self) -> None:
+        """Wake an XREAD blocked on an older set of streams so that it reads the new one too."""
+        if self._kicking or self._reading_gen < 0:
+            return
+        self._kicking = True
+        asyncio.get_running_loop().create_task(self._kick_reader())
+
+    async def _kick_reader(self) -> None:
+        try:
+            delay = 0.0005
+            for _ in range(6 if self._unblock_works else 0):
+                if not 0 <= self._reading_gen < self._gen:
+                    return
+                reader = self._reader_id
+                try:
+                    if reader is not None and await self._store.client.client_unblock(reader):
+                        return
+                except rexc.RedisError as exc:  # e.g. an ACL user without CLIENT
+                    log.debug("CLIENT UNBLOCK refused (%s); cancelling reads instead", exc)
+                    self._unblock_works = False
+                    break
+                await asyncio.sleep(delay)
+                delay *= 2
+            else:
+                if 0 <= self._reading_gen < self._gen:
+                    self._unblock_works = False
+            if 0 <= self._reading_gen < self._gen and self._read is not None:
+                self._read.cancel()
+        finally:
+            self._kicking = False
+
+    async def _run(self) -> None:
+        wait = 0.05
+        while not self._closed:
+            if not self._watches:
+                self._idle.clear()
+                await self._idle.wait()
+                continue
+            gen = self._gen
+            keys = self._store.keys
+            streams = {keys.events(sid): w.cursor for sid, w in self._watches.items()}
+            try:
+                if self._conn is None:
+                    self._conn = self._store.client.client()
+                if self._reader_id is None and self._unblock_works:
+                    self._reader_id = await self._conn.client_id()
+                self._reading_gen = gen
+                if self._gen != gen:  # the set changed while we were getting ready
+                    continue
+                self._read = asyncio.ensure_future(
+                    self._conn.xread(streams, count=self._count, block=self._block_ms)
+                )
+                try:
+                    result = await self._read
+                finally:
+                    self._reading_gen = -1
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                self._reader_id = None  # the cancelled read dropped its connection
+                continue
+            except TRANSIENT_ERRORS as exc:
+                log.warning("event reader lost Redis (%r); retrying in %.2fs", exc, wait)
+                self._reader_id = None
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 2.0)
+                continue
+            except rexc.ResponseError as exc:
+                await self._drop_broken_streams(exc)
+                continue
+            wait = 0.05
+            self._dispatch(result)
+
+    def _dispatch(self, result: Any) -> None:
+        items = result.items() if isinstance(result, dict) else result or []
+        keys = self._store.keys
+        for key, entries in items:
+            sid = keys.session_of(key)
+            watch = self._watches.get(sid) if sid else None
+            if watch is None or not entries:
+                continue
+            for entry in entries:
+                eid, fields = entry[0], entry[1]
+                event = decode_entry(eid, fields, sid or "")
+                if event is not None:
+                    for sub in watch.subs:
+                        sub.push(event)
+            last = entries[-1][0]
+            if parse_stream_id(last) > parse_stream_id(watch.cursor):
+                watch.cursor = last
+
+    async def _drop_broken_streams(self, exc: rexc.ResponseError) -> None:
+        """A key that is not a stream fails the whole XREAD: fail its subscribers, keep the rest."""
+        keys = self._store.keys
+        broken = False
+        for sid in list(self._watches):
+            kind = str(await self._store.client.type(keys.events(sid)))
+            if kind not in ("stream", "none"):
+                broken = True
+                error = RunstateError(
+                    f"cannot read events of session {sid!r}: {keys.events(sid)} is a {kind}, "
+                    f"not a stream ({exc})"
+                )
+                for sub in self._watches.pop(sid).subs:
+                    sub.fail(error)
+                self._gen += 1
+        if not broken:
+            log.error("event reader: %s", exc)
+            await asyncio.sleep(1.0)
+
+
+# ---- one subscriber ---------------------------------------------------------------------------
+
+
+def _ordinal(stream_id: str) -> int:
+    return parse_stream_id(stream_id)[1]
+
+
+def normalize_stream_id(value: str) -> str:
+    """A ``last_event_id`` as a full stream id (``"0"`` -> ``"0-0"``).
+
+    Raises:
+        ValueError: naming the value, when it is not a stream id.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"last_event_id must be a str, got {value!r}")
+    ms, n = parse_stream_id(value.strip())
+    return f"{ms}-{n}"
+
+
+def _replay(snapshot: Snapshot) -> list[StreamEvent]:
+    run_id = snapshot.run_id or ""
+    items = [StreamEvent(id=None, run_id=run_id, event=e) for e in snapshot.critical]
+    if snapshot.budget is not None:
+        items.append(StreamEvent(id=None, run_id=run_id, event=snapshot.budget))
+    return items
+
+
+async def subscribe(
+    hub: Hub,
+    store: Store,
+    session_id: str,
+    last_event_id: str | None = None,
+    *,
+    follow: bool = False,
+) -> AsyncIterator[StreamEvent]:
+    """Yield a session's events: snapshot replay then live, or an exact resume after an id.
+
+    Args:
+        last_event_id: resume after this stream id (``"0"`` for everything retained); None to
+            start from the snapshot (critical events oldest first, the last budget event, live).
+        follow: keep following the session after the run's terminal event.
+    """
+    validate_session_id(session_id)
+    if last_event_id is None:
+        snapshot = await store.snapshot(session_id)
+        for item in _replay(snapshot):
+            yield item
+        if snapshot.terminal is not None and not follow:
+            yield snapshot.terminal
+            return
+        cursor = snapshot.last_id
+    else:
+        cursor = normalize_stream_id(last_event_id)
+    # The ordinal of the next event; None after "0-0": whatever is retained comes first.
+    expect: int | None = _ordinal(cursor) + 1 if cursor != "0-0" else None
+
+    while True:
+        sub = hub.attach(session_id, cursor)
+        gap_at: str | None = None
+        try:
+            async for event in _entries(hub, store, session_id, sub, cursor):
+                assert event.id is not None
+                cursor = event.id
+                n = _ordinal(event.id)
+                if expect is not None and n > expect:
+                    gap_at = event.id
+                    break
+                if expect is not None and n < expect:
+                    log.warning(
+                        "session %r stream restarted (event %s after ordinal %d)",
+                        session_id,
+                        event.id,
+                        expect - 1,
+                    )
+                expect = n + 1
+                yield event
+                if event.event.is_terminal and not follow:
+                    return
+        finally:
+            hub.detach(session_id, sub)
+        if gap_at is None:
+            continue  # the subscriber overflowed its buffer: catch up from Redis
+        # Events between our last one and gap_at were trimmed: say how many we will not deliver,
+        # then start again from a fresh snapshot.
+        snapshot = await store.snapshot(session_id)
+        assert expect is not None
+        missed = max(0, _ordinal(snapshot.last_id) - (expect - 1))
+        yield StreamEvent(id=None, run_id=snapshot.run_id or "", event=Gap(missed=missed))
+        for item in _replay(snapshot):
+            yield item
+        if snapshot.terminal is not None and not follow:
+            yield snapshot.terminal
+            return
+        cursor = snapshot.last_id
+        expect = _ordinal(cursor) + 1
+
+
+async def _entries(
+    hub: Hub, store: Store, session_id: str, sub: _Sub, cursor: str
+) -> AsyncIterator[StreamEvent]:
+    """Events after ``cursor``: first what the hub's reader had already passed, then live.
+
+    Ends (without error) when the subscriber overflows, so the caller re-attaches and catches up.
+    """
+    position = parse_stream_id(cursor)
+    while parse_stream_id(sub.start) > position:
+        page = await store.read_range(session_id, cursor, CATCH_UP_PAGE, before=sub.start)
+        if not page:
+            break
+        for eid, event in page:
+            cursor, position = eid, parse_stream_id(eid)
+            if event is not None:
+                yield event
+    while True:
+        try:
+            event = await sub.get()
+        except _Overflow:
+            return
+        assert event.id is not None
+        if parse_stream_id(event.id) > position:
+            position = parse_stream_id(event.id)
+            yield event

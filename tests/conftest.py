@@ -1,0 +1,142 @@
+"""Shared fixtures: one real server per session, a fake and a real client per test.
+
+* ``redis_url`` (session): ``$REDIS_URL`` if set, else a private
+  :class:`runstate.embedded.EmbeddedServer` started once for the session.
+* ``redis`` (function, parametrised ``fake`` / ``real``): an async client with
+  ``decode_responses=True``; ``fake`` is fakeredis with Lua (lupa), ``real``
+  talks to ``redis_url``.
+* ``real_redis``: only the real client (for tests that span processes).
+* ``prefix``: a random key prefix per test, so tests never FLUSHALL and can run
+  in parallel; keys under it on the real server are deleted afterwards.
+* ``coord``: a ``runstate.Coordinator`` on ``redis`` and ``prefix``.
+
+Tests that touch the real server are marked ``real`` automatically, so
+``pytest -m "not real"`` runs the fake half alone. When ``$CI`` is set, a real
+server that cannot start fails the run instead of skipping it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any
+
+import fakeredis
+import pytest
+import redis as redis_sync
+import redis.asyncio as aioredis
+
+if TYPE_CHECKING:
+    from runstate import Coordinator
+
+_REAL_FIXTURES = frozenset({"real_redis", "redis_url"})
+
+
+def _in_ci() -> bool:
+    """True when running under CI (``$CI`` set to anything but empty/false/0)."""
+    return os.environ.get("CI", "").strip().lower() not in {"", "0", "false", "no"}
+
+
+def _uses_real_server(item: Any) -> bool:
+    """True if a test item (or fixture request) touches the real server."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and callspec.params.get("redis") == "real":
+        return True
+    return bool(_REAL_FIXTURES.intersection(item.fixturenames))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs the real server with ``@pytest.mark.real``."""
+    for item in items:
+        if _uses_real_server(item):
+            item.add_marker(pytest.mark.real)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """URL of a real Redis-compatible server shared by the whole session."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    from runstate.embedded import EmbeddedServer
+
+    server = EmbeddedServer()
+    try:
+        server.start()
+    except RuntimeError as exc:
+        server.stop()
+        message = f"cannot start a real Redis-compatible server: {exc}"
+        if _in_ci():
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["fake", "real"])
+async def redis(request: pytest.FixtureRequest) -> AsyncIterator[aioredis.Redis]:
+    """An async client with ``decode_responses=True``: fakeredis or the real server."""
+    client: aioredis.Redis
+    if request.param == "fake":
+        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=True)
+    else:
+        url: str = request.getfixturevalue("redis_url")
+        client = aioredis.Redis.from_url(url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def real_redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """An async client to the real server only."""
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def prefix(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh key prefix; its keys on the real server are removed afterwards."""
+    value = "t" + uuid.uuid4().hex[:10]
+    url: str | None = None
+    if _uses_real_server(request.node):
+        url = request.getfixturevalue("redis_url")
+    yield value
+    if url is not None:
+        _delete_prefix(url, value)
+
+
+def _delete_prefix(url: str, prefix: str) -> None:
+    """Best-effort removal of every ``{prefix}:*`` key, using SCAN (never KEYS)."""
+    try:
+        with redis_sync.Redis.from_url(url, socket_timeout=5) as client:
+            batch: list[Any] = []
+            for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+                batch.append(key)
+                if len(batch) >= 500:
+                    client.unlink(*batch)
+                    batch.clear()
+            if batch:
+                client.unlink(*batch)
+    except (redis_sync.RedisError, OSError):
+        pass
+
+
+@pytest.fixture
+async def coord(redis: aioredis.Redis, prefix: str) -> AsyncIterator[Coordinator]:
+    """A Coordinator over ``redis`` with this test's ``prefix``."""
+    from runstate import Coordinator
+
+    c = Coordinator(redis, prefix=prefix)
+    try:
+        yield c
+    finally:
+        await c.aclose()

@@ -1,0 +1,162 @@
+"""Tests for runstate.config and runstate.embedded (the private real server)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+
+from runstate.config import (
+    DEFAULT_PREFIX,
+    ENV_PREFIX,
+    ENV_URL,
+    Settings,
+    load_settings,
+)
+from runstate.embedded import EmbeddedServer, find_server_binary, redis_url_or_embedded
+
+# --------------------------------------------------------------------------- config
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    monkeypatch.delenv(ENV_URL, raising=False)
+    monkeypatch.delenv(ENV_PREFIX, raising=False)
+    return monkeypatch
+
+
+def test_settings_defaults(clean_env: pytest.MonkeyPatch) -> None:
+    assert load_settings() == Settings(redis_url=None, prefix=DEFAULT_PREFIX)
+    assert DEFAULT_PREFIX == "runstate"
+
+
+def test_settings_env_over_defaults(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv(ENV_URL, "redis://env:6379/1")
+    clean_env.setenv(ENV_PREFIX, "envp")
+    assert load_settings() == Settings(redis_url="redis://env:6379/1", prefix="envp")
+
+
+def test_settings_args_over_env(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv(ENV_URL, "redis://env:6379/1")
+    clean_env.setenv(ENV_PREFIX, "envp")
+    settings = load_settings(redis_url="redis://arg:6379/2", prefix="argp")
+    assert settings == Settings(redis_url="redis://arg:6379/2", prefix="argp")
+    # Each argument wins on its own; the other still comes from the env.
+    assert load_settings(prefix="argp").redis_url == "redis://env:6379/1"
+    assert load_settings(redis_url="redis://arg").prefix == "envp"
+
+
+def test_settings_empty_env_is_unset(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv(ENV_URL, "")
+    clean_env.setenv(ENV_PREFIX, "")
+    assert load_settings() == Settings(redis_url=None, prefix=DEFAULT_PREFIX)
+
+
+def test_settings_is_frozen() -> None:
+    settings = Settings(redis_url=None, prefix="p")
+    with pytest.raises(AttributeError):
+        settings.prefix = "other"  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- embedded
+
+
+def _refuses(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return False
+    except OSError:
+        return True
+
+
+@pytest.fixture
+def server() -> Iterator[EmbeddedServer]:
+    srv = EmbeddedServer().start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_find_server_binary_is_executable() -> None:
+    path = find_server_binary()
+    assert os.path.isabs(path)
+    assert os.path.isfile(path)
+    assert os.access(path, os.X_OK)
+
+
+def test_server_answers_ping_and_stop_cleans_up(server: EmbeddedServer) -> None:
+    assert server.url == f"redis://127.0.0.1:{server.port}/0"
+    assert server.running
+    with redis.Redis.from_url(server.url) as client:
+        assert client.ping() is True
+        assert int(client.info("server")["process_id"]) == server.pid
+    port, directory = server.port, server.dir
+    assert os.path.isdir(directory)
+
+    server.stop()
+    assert not server.running
+    assert _refuses(port)
+    assert not os.path.exists(directory)
+    server.stop()  # idempotent
+
+
+def test_two_servers_get_different_ports(server: EmbeddedServer) -> None:
+    with EmbeddedServer() as other:
+        assert other.port != server.port
+        assert other.dir != server.dir
+        with redis.Redis.from_url(other.url) as client:
+            assert client.ping() is True
+
+
+def test_stop_before_start_is_harmless() -> None:
+    srv = EmbeddedServer()
+    srv.stop()
+    with pytest.raises(RuntimeError):
+        _ = srv.url
+
+
+def test_start_failure_reports_log_tail() -> None:
+    srv = EmbeddedServer(extra_args=["--no-such-directive", "1"])
+    with pytest.raises(RuntimeError, match="no-such-directive"):
+        srv.start()
+    assert not srv.running
+
+
+def test_redis_url_or_embedded_passes_url_through() -> None:
+    with redis_url_or_embedded("redis://x") as url:
+        assert url == "redis://x"
+
+
+def test_redis_url_or_embedded_starts_and_stops_a_server() -> None:
+    with redis_url_or_embedded(None) as url:
+        with redis.Redis.from_url(url) as client:
+            assert client.ping() is True
+        port = urlsplit(url).port
+    assert port is not None
+    assert _refuses(port)
+
+
+def test_kill_and_restart_keeps_appendonly_data() -> None:
+    srv = EmbeddedServer(appendonly=True, extra_args=["--appendfsync", "always"])
+    with srv:
+        with redis.Redis.from_url(srv.url, decode_responses=True) as client:
+            client.set("survivor", "yes")
+        old_pid, port, directory = srv.pid, srv.port, srv.dir
+
+        srv.kill(signal.SIGKILL)
+        assert not srv.running
+        assert _refuses(port)
+
+        srv.restart()
+        assert srv.running
+        assert srv.pid != old_pid
+        assert (srv.port, srv.dir) == (port, directory)
+        with redis.Redis.from_url(srv.url, decode_responses=True) as client:
+            assert client.get("survivor") == "yes"
+    assert not os.path.exists(directory)
