@@ -15,7 +15,7 @@ import contextlib
 import logging
 from typing import Any
 
-from .retry import TRANSIENT_ERRORS
+from .retry import TRANSIENT_ERRORS, cancel_and_wait
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -141,8 +141,5 @@ class CancelWatcher:
 
     async def aclose(self) -> None:
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         self._tasks = []

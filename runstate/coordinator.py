@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from .cancellation import CancelWatcher
 from .config import load_settings
@@ -79,7 +79,12 @@ class Coordinator:
 
     @classmethod
     def from_url(
-        cls, url: str | None = None, prefix: str | None = None, **kwargs: Any
+        cls,
+        url: str | None = None,
+        prefix: str | None = None,
+        *,
+        max_connections: int = 64,
+        **kwargs: Any,
     ) -> Coordinator:
         """A Coordinator on its own connection pool.
 
@@ -87,6 +92,7 @@ class Coordinator:
             url: ``redis://``, ``rediss://`` or ``unix://`` URL; defaults to
                 ``$RUNSTATE_REDIS_URL``.
             prefix: key prefix; defaults to ``$RUNSTATE_PREFIX``, then ``runstate``.
+            max_connections: the size of the connection pool (callers wait for a free one).
             kwargs: passed on to :class:`Coordinator`.
 
         Raises:
@@ -97,13 +103,18 @@ class Coordinator:
             raise ValueError(
                 "no Redis URL: pass one (e.g. 'redis://localhost:6379/0') or set RUNSTATE_REDIS_URL"
             )
-        client = Redis.from_url(
+        # A blocking pool: a burst of concurrent operations waits for a connection instead of
+        # failing, and the process never holds more than max_connections.
+        pool = BlockingConnectionPool.from_url(
             settings.redis_url,
+            max_connections=max_connections,
+            timeout=DEFAULT_SOCKET_TIMEOUT,
             decode_responses=True,
             socket_connect_timeout=5.0,
             socket_timeout=DEFAULT_SOCKET_TIMEOUT,
             health_check_interval=30,
         )
+        client = Redis.from_pool(pool)  # closing the client closes the pool too
         return cls(client, prefix=settings.prefix, owns_client=True, **kwargs)
 
     @property
@@ -236,7 +247,7 @@ class Coordinator:
             ValueError: a bad session id or ``last_event_id`` (when iteration starts).
         """
         validate_session_id(session_id)
-        return subscribe(self._hub, self.store, session_id, last_event_id, follow=follow)
+        return subscribe(self._hub, session_id, last_event_id, follow=follow)
 
     # ---- lifetime ---------------------------------------------------------------------------
 

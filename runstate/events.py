@@ -76,7 +76,10 @@ def register_event(cls: type[AgentEvent], name: str) -> None:
     if not _TYPE_NAME.fullmatch(name):
         raise ValueError(f"invalid event type {name!r}: use snake_case, e.g. 'my_event'")
     known = _REGISTRY.get(name)
-    if known is not None and known.__qualname__ != cls.__qualname__:
+    if known is not None and (known.__module__, known.__qualname__) != (
+        cls.__module__,
+        cls.__qualname__,
+    ):
         raise ValueError(
             f"event type {name!r} is already registered by {known.__module__}.{known.__qualname__}"
         )

@@ -7,10 +7,11 @@ their sequence numbers, finishes and cancels their run, so a retry never writes 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from redis import exceptions as rexc
 from tenacity import (
@@ -20,7 +21,7 @@ from tenacity import (
     retry_if_exception_type,
     stop_after_attempt,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_random_exponential,
 )
 
 from .errors import RedisUnavailable
@@ -57,7 +58,7 @@ class RetryPolicy:
         return AsyncRetrying(
             retry=retry_if_exception_type(TRANSIENT_ERRORS),
             stop=stop_after_attempt(self.attempts) | stop_after_delay(self.deadline),
-            wait=wait_exponential_jitter(initial=self.initial, max=self.max_wait),
+            wait=wait_random_exponential(multiplier=self.initial, max=self.max_wait),
             before_sleep=_log_retry,
         )
 
@@ -87,3 +88,16 @@ def _log_retry(state: RetryCallState) -> None:
 
 
 NO_RETRY = RetryPolicy(attempts=1, deadline=0.0)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait until it is done.
+
+    Cancel again until it takes: on Python 3.11 a cancel that lands while redis-py connects
+    (inside ``asyncio.wait_for``) can be swallowed, leaving the task blocked in its next read.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("task %s ended with %r", task.get_name(), task.exception())

@@ -7,9 +7,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from .cancellation import CancelToken
-from .errors import RunCancelled, StaleRunError
+from .errors import RedisUnavailable, RunCancelled, StaleRunError
 from .events import AgentEvent, Complete, Error, JSONObject, coerce_event
-from .store import Claimed, Store
+from .retry import TRANSIENT_ERRORS
+from .store import Claimed, EncodedEvent, Store
+
+# A write that failed with one of these may or may not have been applied.
+UNKNOWN_OUTCOME: tuple[type[BaseException], ...] = (RedisUnavailable, *TRANSIENT_ERRORS)
 
 
 class RunHandle:
@@ -33,7 +37,7 @@ class RunHandle:
         self.parent = claimed.parent
         self.token = token
         self._seq = claimed.seq  # the last sequence number known written
-        self._unsent: list[AgentEvent] = []  # events of a write whose outcome is unknown
+        self._unsent: list[EncodedEvent] = []  # events of a write whose outcome is unknown
         self._lock = asyncio.Lock()
         self.ended = False
 
@@ -58,24 +62,38 @@ class RunHandle:
         return ids[-1]
 
     async def emit_many(self, events: Sequence[AgentEvent | JSONObject]) -> list[str]:
-        """Write several events in one round trip, in order; returns their stream ids."""
-        batch = [coerce_event(e) for e in events]
+        """Write several events in one round trip, in order; returns their stream ids.
+
+        Raises:
+            UnknownEventType, EventTooLarge, ValueError: a bad event; nothing of the batch is
+                written and the run goes on.
+            RunCancelled, RunSuperseded: the fence refused the write.
+            RedisUnavailable: Redis stayed unreachable; the events are kept and written ahead
+                of the next write.
+        """
+        batch = self._store.encode([coerce_event(e) for e in events])
         async with self._lock:
-            pending = self._unsent + batch
-            try:
-                ids = await self._store.emit(
-                    self.session_id, self.run_id, self.attempt, self._seq + 1, pending
-                )
-            except StaleRunError as exc:
-                self._unsent = []
-                self._refused(exc)
-                raise
-            except BaseException:
-                self._unsent = pending
-                raise
+            ids = await self._write(batch)
+            return ids[len(ids) - len(batch) :]
+
+    async def _write(self, batch: list[EncodedEvent]) -> list[str]:
+        pending = self._unsent + batch
+        if not pending:
+            return []
+        try:
+            ids = await self._store.emit(
+                self.session_id, self.run_id, self.attempt, self._seq + 1, pending
+            )
+        except StaleRunError as exc:
             self._unsent = []
-            self._seq += len(pending)
-            return ids[-len(batch) :] if batch else []
+            self._refused(exc)
+            raise
+        except UNKNOWN_OUTCOME:
+            self._unsent = pending  # the outcome is unknown: retried, never doubled, by seq
+            raise
+        self._unsent = []
+        self._seq += len(pending)
+        return ids
 
     async def complete(self, usage: JSONObject | None = None) -> None:
         """End the run as ``completed`` with a ``complete`` event."""
@@ -88,12 +106,7 @@ class RunHandle:
     async def _finish(self, event: AgentEvent, error: str | None) -> None:
         async with self._lock:
             if self._unsent:
-                # Settle the events of a failed write first, so the terminal event stays last.
-                await self._store.emit(
-                    self.session_id, self.run_id, self.attempt, self._seq + 1, self._unsent
-                )
-                self._seq += len(self._unsent)
-                self._unsent = []
+                await self._write([])  # settle a failed write first: the terminal event is last
             try:
                 await self._store.finish(self.session_id, self.run_id, self.attempt, event, error)
             except StaleRunError as exc:

@@ -14,12 +14,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
+from redis import exceptions as rexc
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from .errors import RunCancelled, RunSuperseded, StaleRunError
+from .errors import EventTooLarge, RunCancelled, RunstateError, RunSuperseded, StaleRunError
 from .events import DEFAULT_MAX_EVENT_BYTES, AgentEvent, StreamEvent, dump_event, parse_event
 from .keys import Keys
 from .models import AlreadyRunning, Reserved, ReserveResult, RunnerState
@@ -72,6 +73,19 @@ def decode_entry(entry_id: str, fields: dict[str, str], where: str = "") -> Stre
 
 def _pairs(flat: Sequence[str]) -> dict[str, str]:
     return dict(zip(flat[::2], flat[1::2], strict=False))
+
+
+class EncodedEvent(NamedTuple):
+    """An event as emit.lua receives it (see the ARGV block of emit.lua)."""
+
+    type: str
+    data: str
+    flags: str
+    tool_name: str
+    tool_phase: str
+    round_count: str
+    dedupe_field: str
+    dedupe_value: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,9 +167,12 @@ class Store:
     async def _script(self, name: str, session_id: str, args: Sequence[Any]) -> list[Any]:
         script = self._scripts[name]
         keys = self.keys.session_keys(session_id)
-        result = await self.retry.call(
-            f"{name} {session_id!r}", lambda: script(keys=keys, args=list(args))
-        )
+        try:
+            result = await self.retry.call(
+                f"{name} {session_id!r}", lambda: script(keys=keys, args=list(args))
+            )
+        except rexc.ResponseError as exc:
+            raise _wrong_type(exc, session_id, name) from exc
         return cast(list[Any], result)
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -187,7 +204,7 @@ class Store:
                 f"payload must be JSON-serialisable, got {payload!r:.200}: {exc}"
             ) from exc
         if len(data.encode()) > self.max_event_bytes:
-            raise ValueError(
+            raise EventTooLarge(
                 f"payload is {len(data.encode())} bytes, over the limit of {self.max_event_bytes}"
             )
         return data
@@ -233,19 +250,42 @@ class Store:
             event_id=res[5] or None,
         )
 
+    def encode(self, events: Sequence[AgentEvent]) -> list[EncodedEvent]:
+        """Serialise events for :meth:`emit`; raises EventTooLarge before anything is sent."""
+        out = []
+        for event in events:
+            tool = event.tool_update()
+            rounds = event.round_count_update()
+            dedupe = event.dedupe() if event.is_critical else None
+            out.append(
+                EncodedEvent(
+                    event.type,
+                    dump_event(event, self.max_event_bytes),
+                    ("c" if event.is_critical else "") + ("b" if event.is_budget else ""),
+                    (tool[0] or "") if tool else "",
+                    tool[1] if tool else "",
+                    "" if rounds is None else str(rounds),
+                    dedupe[0] if dedupe else "",
+                    dedupe[1] if dedupe else "",
+                )
+            )
+        return out
+
     async def emit(
         self,
         session_id: str,
         run_id: str,
         attempt: int,
         first_seq: int,
-        events: Sequence[AgentEvent],
+        events: Sequence[EncodedEvent],
     ) -> list[str]:
-        """Append events numbered ``first_seq, first_seq + 1, ...``; returns the new stream ids.
+        """Append events numbered ``first_seq, first_seq + 1, ...``; returns their stream ids.
+
+        Events an earlier try already wrote are not written again; their ids are returned too.
 
         Raises:
             StaleRunError: the run no longer owns the session (RunCancelled if it was cancelled).
-            EventTooLarge: an event is over the size limit (nothing of the batch is written).
+            ValueError: ``first_seq`` leaves a hole after the last written event.
         """
         args: list[Any] = [
             run_id,
@@ -257,21 +297,7 @@ class Store:
             len(events),
         ]
         for event in events:
-            data = dump_event(event, self.max_event_bytes)
-            flags = ("c" if event.is_critical else "") + ("b" if event.is_budget else "")
-            tool = event.tool_update()
-            rounds = event.round_count_update()
-            dedupe = event.dedupe() if event.is_critical else None
-            args += [
-                event.type,
-                data,
-                flags,
-                (tool[0] or "") if tool else "",
-                tool[1] if tool else "",
-                "" if rounds is None else rounds,
-                dedupe[0] if dedupe else "",
-                dedupe[1] if dedupe else "",
-            ]
+            args += event
         res = await self._script("emit", session_id, args)
         if res[0] == "ok":
             return list(res[1:])
@@ -423,13 +449,16 @@ class Store:
     ) -> list[tuple[str, StreamEvent | None]]:
         """Up to ``count`` entries with ids in ``(after, before]``, junk entries as None."""
         key = self.keys.events(session_id)
-        raw = cast(
-            list[tuple[str, dict[str, str]]],
-            await self.retry.call(
-                f"xrange {session_id!r}",
-                lambda: self.client.xrange(key, min=f"({after}", max=before, count=count),
-            ),
-        )
+        try:
+            raw = cast(
+                list[tuple[str, dict[str, str]]],
+                await self.retry.call(
+                    f"xrange {session_id!r}",
+                    lambda: self.client.xrange(key, min=f"({after}", max=before, count=count),
+                ),
+            )
+        except rexc.ResponseError as exc:
+            raise _wrong_type(exc, session_id, "read events") from exc
         return [(eid, decode_entry(eid, fields, session_id)) for eid, fields in raw]
 
     async def cancel_markers(self, session_ids: Sequence[str]) -> list[str | None]:
@@ -452,6 +481,17 @@ class Store:
                 pipe.ttl(key)
             values = await pipe.execute()
         return dict(zip(names, values, strict=True))
+
+
+def _wrong_type(exc: rexc.ResponseError, session_id: str, what: str) -> Exception:
+    """A clear error for a session key that holds the wrong type (junk written by hand)."""
+    if "WRONGTYPE" in str(exc):
+        return RunstateError(
+            f"{what} of session {session_id!r} failed: one of its keys is not of the type "
+            f"runstate writes (its events key must be a stream, runner a hash, critical a list): "
+            f"{exc}"
+        )
+    return exc
 
 
 def _parse_or_warn(raw: str, session_id: str) -> AgentEvent | None:

@@ -16,7 +16,6 @@ the events it missed have been trimmed meanwhile.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
@@ -27,12 +26,15 @@ from redis import exceptions as rexc
 from .errors import RunstateError
 from .events import Gap, StreamEvent
 from .keys import validate_session_id
-from .retry import TRANSIENT_ERRORS
+from .retry import TRANSIENT_ERRORS, cancel_and_wait
 from .store import Snapshot, Store, decode_entry, parse_stream_id
 
 log = logging.getLogger(__name__)
 
 CATCH_UP_PAGE = 500
+# Subscriber-side reads (snapshots, catch-up pages) in flight at once per process: a burst of
+# new or lagging subscribers must not take one pooled connection each.
+MAX_CONCURRENT_READS = 8
 
 
 class _Overflow(Exception):
@@ -114,13 +116,15 @@ class Hub:
         self._conn: Any = None
         self._reader_id: int | None = None
         self._task: asyncio.Task[None] | None = None
-        self._read: asyncio.Future[Any] | None = None
+        self._kicked = False  # the reader task was cancelled to re-read a new set of streams
         self._idle = asyncio.Event()
         self._gen = 0  # bumped whenever the set of watched streams changes
         self._reading_gen = -1  # the generation of the XREAD in flight, -1 when none
         self._kicking = False
         self._unblock_works = True
         self._closed = False
+        self._reads = asyncio.Semaphore(MAX_CONCURRENT_READS)
+        self._snapshots: dict[str, asyncio.Future[Snapshot]] = {}
 
     @property
     def watched(self) -> int:
@@ -130,6 +134,30 @@ class Hub:
     @property
     def subscribers(self) -> int:
         return sum(len(w.subs) for w in self._watches.values())
+
+    async def snapshot(self, session_id: str) -> Snapshot:
+        """The session's snapshot; subscribers arriving together share one read.
+
+        Sharing is safe: a snapshot taken after a subscriber asked for it is as good a starting
+        point as its own would be (replay as of S, then everything after S).
+        """
+        pending = self._snapshots.get(session_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self._read_snapshot(session_id))
+            self._snapshots[session_id] = pending
+            pending.add_done_callback(lambda _: self._snapshots.pop(session_id, None))
+        return await asyncio.shield(pending)
+
+    async def _read_snapshot(self, session_id: str) -> Snapshot:
+        async with self._reads:
+            return await self._store.snapshot(session_id)
+
+    async def read_range(
+        self, session_id: str, after: str, before: str
+    ) -> list[tuple[str, StreamEvent | None]]:
+        """A page of entries in ``(after, before]`` for a subscriber catching up."""
+        async with self._reads:
+            return await self._store.read_range(session_id, after, CATCH_UP_PAGE, before=before)
 
     def attach(self, session_id: str, after: str) -> _Sub:
         if self._closed:
@@ -162,9 +190,7 @@ class Hub:
                 sub.fail(error)
         self._watches.clear()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         if self._conn is not None:
             await self._conn.aclose()
 
@@ -200,8 +226,9 @@ class Hub:
             else:
                 if 0 <= self._reading_gen < self._gen:
                     self._unblock_works = False
-            if 0 <= self._reading_gen < self._gen and self._read is not None:
-                self._read.cancel()
+            if 0 <= self._reading_gen < self._gen and self._task is not None:
+                self._kicked = True
+                self._task.cancel()
         finally:
             self._kicking = False
 
@@ -223,19 +250,25 @@ class Hub:
                 self._reading_gen = gen
                 if self._gen != gen:  # the set changed while we were getting ready
                     continue
-                self._read = asyncio.ensure_future(
-                    self._conn.xread(streams, count=self._count, block=self._block_ms)
-                )
                 try:
-                    result = await self._read
+                    result = await self._conn.xread(
+                        streams, count=self._count, block=self._block_ms
+                    )
                 finally:
                     self._reading_gen = -1
             except asyncio.CancelledError:
                 task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise
-                self._reader_id = None  # the cancelled read dropped its connection
-                continue
+                if (
+                    self._kicked
+                    and not self._closed
+                    and task is not None
+                    and task.cancelling() == 1
+                ):
+                    task.uncancel()  # our own kick, not a shutdown: read the new set of streams
+                    self._kicked = False
+                    self._reader_id = None  # the cancelled read dropped its connection
+                    continue
+                raise
             except TRANSIENT_ERRORS as exc:
                 log.warning("event reader lost Redis (%r); retrying in %.2fs", exc, wait)
                 self._reader_id = None
@@ -315,7 +348,6 @@ def _replay(snapshot: Snapshot) -> list[StreamEvent]:
 
 async def subscribe(
     hub: Hub,
-    store: Store,
     session_id: str,
     last_event_id: str | None = None,
     *,
@@ -330,81 +362,99 @@ async def subscribe(
     """
     validate_session_id(session_id)
     if last_event_id is None:
-        snapshot = await store.snapshot(session_id)
+        snapshot = await hub.snapshot(session_id)
         for item in _replay(snapshot):
             yield item
-        if snapshot.terminal is not None and not follow:
+        if snapshot.terminal is not None:
             yield snapshot.terminal
-            return
+            if not follow:
+                return
         cursor = snapshot.last_id
     else:
         cursor = normalize_stream_id(last_event_id)
     # The ordinal of the next event; None after "0-0": whatever is retained comes first.
     expect: int | None = _ordinal(cursor) + 1 if cursor != "0-0" else None
+    backlog = last_event_id is not None  # a resume may be far behind: read it at our own pace
 
     while True:
-        sub = hub.attach(session_id, cursor)
-        gap_at: str | None = None
-        try:
-            async for event in _entries(hub, store, session_id, sub, cursor):
-                assert event.id is not None
-                cursor = event.id
-                n = _ordinal(event.id)
-                if expect is not None and n > expect:
-                    gap_at = event.id
-                    break
-                if expect is not None and n < expect:
-                    log.warning(
-                        "session %r stream restarted (event %s after ordinal %d)",
-                        session_id,
-                        event.id,
-                        expect - 1,
-                    )
-                expect = n + 1
-                yield event
-                if event.event.is_terminal and not follow:
-                    return
-        finally:
-            hub.detach(session_id, sub)
-        if gap_at is None:
-            continue  # the subscriber overflowed its buffer: catch up from Redis
-        # Events between our last one and gap_at were trimmed: say how many we will not deliver,
-        # then start again from a fresh snapshot.
-        snapshot = await store.snapshot(session_id)
+        gap = False
+        async for event in _entries(hub, session_id, cursor, backlog):
+            assert event.id is not None
+            n = _ordinal(event.id)
+            if expect is not None and n > expect:
+                gap = True  # events between our last one and this were trimmed away
+                break
+            if expect is not None and n < expect:
+                log.warning(
+                    "session %r stream restarted (event %s after ordinal %d)",
+                    session_id,
+                    event.id,
+                    expect - 1,
+                )
+            cursor, expect = event.id, n + 1
+            yield event
+            if event.event.is_terminal and not follow:
+                return
+        if not gap:
+            return  # pragma: no cover - _entries only ends by raising
+        # Say how many events we will not deliver, then start again from a fresh snapshot.
+        snapshot = await hub.snapshot(session_id)
         assert expect is not None
-        missed = max(0, _ordinal(snapshot.last_id) - (expect - 1))
+        # Everything after our last event up to the snapshot, but the terminal event that the
+        # snapshot hands over itself.
+        replayed = 1 if snapshot.terminal is not None else 0
+        missed = max(0, _ordinal(snapshot.last_id) - (expect - 1) - replayed)
         yield StreamEvent(id=None, run_id=snapshot.run_id or "", event=Gap(missed=missed))
         for item in _replay(snapshot):
             yield item
-        if snapshot.terminal is not None and not follow:
+        if snapshot.terminal is not None:
             yield snapshot.terminal
-            return
-        cursor = snapshot.last_id
+            if not follow:
+                return
+        cursor, backlog = snapshot.last_id, False
         expect = _ordinal(cursor) + 1
 
 
 async def _entries(
-    hub: Hub, store: Store, session_id: str, sub: _Sub, cursor: str
+    hub: Hub, session_id: str, cursor: str, backlog: bool
 ) -> AsyncIterator[StreamEvent]:
-    """Events after ``cursor``: first what the hub's reader had already passed, then live.
+    """Every event after ``cursor``, in order, each once; never ends by itself.
 
-    Ends (without error) when the subscriber overflows, so the caller re-attaches and catches up.
+    With ``backlog`` (a resume, or after falling behind) the subscriber first pages through the
+    stream itself, at its own pace, and only then joins the hub's reader near the end: a reader
+    batch larger than its buffer could otherwise overflow it again and again.
     """
     position = parse_stream_id(cursor)
-    while parse_stream_id(sub.start) > position:
-        page = await store.read_range(session_id, cursor, CATCH_UP_PAGE, before=sub.start)
-        if not page:
-            break
-        for eid, event in page:
-            cursor, position = eid, parse_stream_id(eid)
-            if event is not None:
-                yield event
     while True:
+        if backlog:
+            while True:
+                page = await hub.read_range(session_id, cursor, "+")
+                for eid, event in page:
+                    cursor, position = eid, parse_stream_id(eid)
+                    if event is not None:
+                        yield event
+                if len(page) < CATCH_UP_PAGE:
+                    break
+        sub = hub.attach(session_id, cursor)
         try:
-            event = await sub.get()
-        except _Overflow:
-            return
-        assert event.id is not None
-        if parse_stream_id(event.id) > position:
-            position = parse_stream_id(event.id)
-            yield event
+            # What the hub's reader had already passed when we attached comes from Redis.
+            while parse_stream_id(sub.start) > position:
+                page = await hub.read_range(session_id, cursor, sub.start)
+                if not page:
+                    break
+                for eid, event in page:
+                    cursor, position = eid, parse_stream_id(eid)
+                    if event is not None:
+                        yield event
+            while True:
+                try:
+                    event = await sub.get()
+                except _Overflow:
+                    break
+                assert event.id is not None
+                if parse_stream_id(event.id) > position:
+                    cursor, position = event.id, parse_stream_id(event.id)
+                    yield event
+        finally:
+            hub.detach(session_id, sub)
+        backlog = True  # we fell behind our buffer: catch up from Redis by ourselves

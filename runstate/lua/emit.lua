@@ -9,8 +9,9 @@
 -- ARGV[7] number of events N, then 8 values per event:
 --   type, data JSON, flags ('c' critical, 'b' budget), tool name ('' keeps the last),
 --   tool phase ('' for no tool event), round count (''), dedupe field (''), dedupe value
--- returns {'ok', id...}        one id per newly written event (events already written by an
---                              earlier try of the same batch are skipped, not written twice)
+-- returns {'ok', id...}        one id per event of the batch; events an earlier try of the
+--                              same batch already wrote are not written twice (their ids are
+--                              read back: they are the run's latest entries)
 --       | {'stale', status, current_run_id}
 --       | {'seq', expected_seq}   the batch does not follow the last written event
 
@@ -24,6 +25,21 @@ if first > seq + 1 then return {'seq', seq + 1} end
 
 local pos = stream_position()
 local ids = {'ok'}
+if first <= seq then
+  -- Nothing but this run has written since (it is running), so the events already written are
+  -- the newest entries of the stream with this run's id and these sequence numbers.
+  local want = math.min(seq, first + tonumber(ARGV[7]) - 1) - first + 1
+  local found = {}
+  for _, entry in ipairs(redis.call('XREVRANGE', EVENTS, '+', '-', 'COUNT', want + 16)) do
+    local f = entry[2]
+    local run, s = nil, nil
+    for i = 1, #f, 2 do
+      if f[i] == 'run' then run = f[i + 1] elseif f[i] == 'seq' then s = tonumber(f[i + 1]) end
+    end
+    if run == ARGV[1] and s and s >= first and s < first + want then found[s] = entry[1] end
+  end
+  for s = first, first + want - 1 do ids[#ids + 1] = found[s] or '' end
+end
 local diag = {}
 local n = tonumber(ARGV[7])
 for i = 0, n - 1 do

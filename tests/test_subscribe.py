@@ -1,0 +1,321 @@
+"""Subscribing (DESIGN §4): snapshot boundary, exact resume, gap notices, fan-out, slow readers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from runstate import Coordinator, RunHandle, RunstateError, StreamEvent
+from runstate.events import Gap, TaskListUpdated, Token, TokenBudgetUpdated
+from runstate.models import Reserved
+
+
+async def start_run(coord: Coordinator, sid: str = "s1") -> RunHandle:
+    reserved = await coord.execute(sid, {"n": 1})
+    assert isinstance(reserved, Reserved)
+    return await coord.claim(sid, reserved.run_id, "w1")
+
+
+async def collect(it: AsyncIterator[StreamEvent], limit: int | None = None) -> list[StreamEvent]:
+    out: list[StreamEvent] = []
+    async for ev in it:
+        out.append(ev)
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+async def stream_entries(coord: Coordinator, sid: str) -> list[tuple[str, str]]:
+    """(id, type) of every entry in the session stream, as redis-cli XRANGE shows them."""
+    raw = await coord.client.xrange(coord.keys.events(sid))
+    return [(eid, fields["type"]) for eid, fields in raw]
+
+
+async def test_new_subscriber_gets_replay_then_live(coord: Coordinator) -> None:
+    # Given a running run with critical events, a budget event and tokens
+    run = await start_run(coord)
+    await run.emit(TaskListUpdated(task_list={"items": ["a"]}))
+    await run.emit(TokenBudgetUpdated(usage={"total": 10}))
+    await run.emit(TaskListUpdated(task_list={"items": ["a", "b"]}))
+    await run.emit(Token(content="old"))
+    # When a new subscriber attaches, then more events arrive
+    it = coord.subscribe("s1")
+    first = [await anext(it) for _ in range(3)]
+    await run.emit(Token(content="new"))
+    await run.complete()
+    rest = await collect(it)
+    # Then: critical events oldest first, then the budget event (replayed: no id), then live only
+    assert [(e.id, e.event.type) for e in first] == [
+        (None, "task_list_updated"),
+        (None, "task_list_updated"),
+        (None, "token_budget_updated"),
+    ]
+    assert first[0].event.task_list == {"items": ["a"]}  # type: ignore[attr-defined]
+    assert [e.event.type for e in rest] == ["token", "complete"]
+    assert rest[0].event.content == "new"  # type: ignore[attr-defined]
+    assert all(e.run_id == run.run_id for e in first + rest)
+
+
+async def test_subscriber_attached_during_concurrent_emits_gets_no_gap_and_no_duplicate(
+    coord: Coordinator,
+) -> None:
+    # Given a producer emitting 300 tokens as fast as it can
+    run = await start_run(coord)
+    started = asyncio.Event()
+
+    async def produce() -> None:
+        for i in range(300):
+            await run.emit(Token(content=str(i)))
+            if i == 50:
+                started.set()
+        await run.complete()
+
+    producer = asyncio.create_task(produce())
+    await started.wait()
+    # When subscribers attach while it runs
+    subs = [asyncio.create_task(collect(coord.subscribe("s1"))) for _ in range(5)]
+    await producer
+    results = await asyncio.wait_for(asyncio.gather(*subs), 10)
+    # Then each got a contiguous tail of the stream ending with the terminal event: no gap, no dup
+    entries = await stream_entries(coord, "s1")
+    ids = [eid for eid, _ in entries]
+    for got in results:
+        live = [e.id for e in got if e.id is not None]
+        assert live, "a subscriber attached before the end must see at least the terminal event"
+        start = ids.index(live[0])
+        assert live == ids[start:]
+        assert not any(e.event.type == "gap" for e in got)
+
+
+async def test_resume_from_every_id_is_exact(coord: Coordinator) -> None:
+    # Given a finished run of 30 events
+    run = await start_run(coord)
+    for i in range(28):
+        await run.emit(Token(content=str(i)))
+    await run.complete()
+    entries = await stream_entries(coord, "s1")
+    ids = [eid for eid, _ in entries]
+    # When resuming after any id, Then exactly the events after it arrive, in order, once
+    # (after the terminal event itself nothing of this run is left: such a subscriber waits)
+    for i, eid in enumerate(ids[:-1]):
+        got = await asyncio.wait_for(collect(coord.subscribe("s1", last_event_id=eid)), 5)
+        assert [e.id for e in got] == ids[i + 1 :]
+    # And "0" means everything retained
+    got = await asyncio.wait_for(collect(coord.subscribe("s1", last_event_id="0")), 5)
+    assert [e.id for e in got] == ids
+
+
+async def test_resume_while_running_then_live(coord: Coordinator) -> None:
+    # Given a running run, and a client that saw the first events then dropped
+    run = await start_run(coord)
+    await run.emit(Token(content="a"))
+    seen = await run.emit(Token(content="b"))
+    await run.emit(Token(content="c"))
+    # When it resumes from its last id and more events arrive
+    it = coord.subscribe("s1", last_event_id=seen)
+    first = await anext(it)
+    await run.emit(Token(content="d"))
+    await run.complete()
+    rest = await collect(it)
+    # Then it gets c, d and the terminal event: nothing twice, nothing lost
+    got = [first, *rest]
+    assert [e.event.content for e in got[:2]] == ["c", "d"]  # type: ignore[attr-defined]
+    assert got[-1].event.type == "complete"
+    assert not any(isinstance(e.event, Gap) for e in got)
+
+
+async def test_gap_notice_after_trimming_says_how_many_were_missed(redis: Any, prefix: str) -> None:
+    # Given a stream capped at 50 whose early events were trimmed away
+    async with Coordinator(redis, prefix=prefix, maxlen=50) as coord:
+        run = await start_run(coord)
+        await run.emit(TaskListUpdated(task_list=["x"]))
+        early = await run.emit(Token(content="early"))  # the 3rd event of the session
+        for i in range(200):
+            await run.emit(Token(content=str(i)))
+        last = await run.emit(Token(content="last"))
+        assert await redis.xlen(coord.keys.events("s1")) < 200
+        # When a client resumes from an id that has been trimmed
+        it = coord.subscribe("s1", last_event_id=early)
+        gap = await asyncio.wait_for(anext(it), 5)
+        replay = await asyncio.wait_for(anext(it), 5)
+        await run.complete()
+        tail = await collect(it)
+    # Then it first hears exactly how many events it will not get, then the replay, then live
+    assert isinstance(gap.event, Gap)
+    n_last = int(last.split("-")[1])
+    assert gap.event.missed == n_last - 3
+    assert (replay.id, replay.event.type) == (None, "task_list_updated")
+    assert [e.event.type for e in tail] == ["complete"]
+
+
+async def test_no_gap_when_nothing_was_missed(redis: Any, prefix: str) -> None:
+    # Given a capped stream and a resume id that is still retained
+    async with Coordinator(redis, prefix=prefix, maxlen=50) as coord:
+        run = await start_run(coord)
+        ids = [await run.emit(Token(content=str(i))) for i in range(120)]
+        await run.complete()
+        retained = (await redis.xrange(coord.keys.events("s1"), count=1))[0][0]
+        # When resuming right after the last event and right at the first retained one
+        at_end = await collect(coord.subscribe("s1", last_event_id=ids[-1]))
+        from_first = await collect(coord.subscribe("s1", last_event_id=retained))
+    # Then no gap notice: the events after each id are all still there
+    assert [e.event.type for e in at_end] == ["complete"]
+    assert not any(isinstance(e.event, Gap) for e in from_first)
+    assert from_first[-1].event.type == "complete"
+
+
+async def test_late_subscriber_to_finished_run_gets_replay_and_terminal(coord: Coordinator) -> None:
+    # Given a finished run with a critical event
+    run = await start_run(coord)
+    await run.emit(TaskListUpdated(task_list=["done"]))
+    await run.fail("boom")
+    # When someone subscribes afterwards
+    got = await asyncio.wait_for(collect(coord.subscribe("s1")), 5)
+    # Then they get the replay and the terminal event, and the iterator ends
+    assert [e.event.type for e in got] == ["task_list_updated", "error"]
+    assert got[-1].id is not None
+    assert got[-1].event.message == "boom"  # type: ignore[attr-defined]
+
+
+async def test_follow_keeps_going_across_runs(coord: Coordinator) -> None:
+    # Given a follower of a session
+    run = await start_run(coord)
+    it = coord.subscribe("s1", follow=True)
+    await run.complete()
+    assert (await asyncio.wait_for(anext(it), 5)).event.type == "complete"
+    # When a second run starts and emits
+    run2 = await start_run(coord)
+    await run2.emit(Token(content="second"))
+    # Then the follower sees the next run's events too
+    got = [await asyncio.wait_for(anext(it), 5) for _ in range(2)]
+    assert [e.event.type for e in got] == ["execution_started", "token"]
+    assert {e.run_id for e in got} == {run2.run_id}
+    await it.aclose()  # type: ignore[attr-defined]
+
+
+async def test_many_subscribers_share_one_reader(coord: Coordinator) -> None:
+    # Given 200 subscribers over 4 sessions in one process
+    runs = [await start_run(coord, f"s{i}") for i in range(4)]
+    its = [coord.subscribe(f"s{i % 4}") for i in range(200)]
+    tasks = [asyncio.create_task(collect(it)) for it in its]
+    await asyncio.sleep(0.05)
+    # Then the process reads 4 streams, not 200
+    assert coord._hub.watched == 4
+    # When every run emits and ends
+    for run in runs:
+        await run.emit(Token(content="x"))
+        await run.complete()
+    results = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    # Then every subscriber got its session's events, and the reader lets go of finished streams
+    for got in results:
+        assert [e.event.type for e in got] == ["token", "complete"]
+    assert coord._hub.watched == 0
+
+
+async def test_connections_do_not_grow_with_subscribers(redis_url: str, prefix: str) -> None:
+    # Given a coordinator on its own pool
+    async with Coordinator.from_url(redis_url, prefix=prefix) as coord:
+        runs = [await start_run(coord, f"s{i}") for i in range(3)]
+        few = [asyncio.create_task(collect(coord.subscribe(f"s{i % 3}"))) for i in range(3)]
+        await asyncio.sleep(0.1)
+        pool = coord.client.connection_pool
+        with_few = len(pool._available_connections) + len(pool._in_use_connections)  # type: ignore[attr-defined]
+        # When 300 more subscribers attach
+        many = [asyncio.create_task(collect(coord.subscribe(f"s{i % 3}"))) for i in range(300)]
+        await asyncio.sleep(0.2)
+        with_many = len(pool._available_connections) + len(pool._in_use_connections)  # type: ignore[attr-defined]
+        for run in runs:
+            await run.complete()
+        await asyncio.wait_for(asyncio.gather(*few, *many), 10)
+    # Then the connection count did not grow with them
+    assert with_many <= with_few
+
+
+async def test_slow_subscriber_does_not_stall_others_and_catches_up(
+    redis: Any, prefix: str
+) -> None:
+    # Given a tiny per-subscriber buffer, a fast reader and a reader that does not read
+    async with Coordinator(redis, prefix=prefix, subscriber_buffer=4) as coord:
+        run = await start_run(coord)
+        fast_task = asyncio.create_task(collect(coord.subscribe("s1")))
+        slow = coord.subscribe("s1")
+        slow_first = asyncio.create_task(anext(slow))
+        await asyncio.sleep(0.05)
+        # When 100 events are emitted
+        for i in range(100):
+            await run.emit(Token(content=str(i)))
+        await run.complete()
+        fast = await asyncio.wait_for(fast_task, 10)
+        # Then the fast reader got them all, and the slow one, reading late, also gets every event
+        # (its buffer overflowed, so it caught up from Redis: nothing lost while retained)
+        slow_got = [
+            await asyncio.wait_for(slow_first, 5),
+            *await asyncio.wait_for(collect(slow), 5),
+        ]
+    assert [e.event.type for e in fast].count("token") == 100
+    assert [e.id for e in slow_got] == [e.id for e in fast]
+
+
+async def test_slow_subscriber_gets_gap_when_its_events_were_trimmed(
+    redis: Any, prefix: str
+) -> None:
+    # Given a tiny buffer and a short stream
+    async with Coordinator(redis, prefix=prefix, subscriber_buffer=2, maxlen=20) as coord:
+        run = await start_run(coord)
+        slow = coord.subscribe("s1")
+        first = asyncio.create_task(anext(slow))
+        await asyncio.sleep(0.05)
+        # When far more events than the stream keeps pass by while it does not read
+        for i in range(300):
+            await run.emit(Token(content=str(i)))
+        await run.complete()
+        got = [await asyncio.wait_for(first, 5), *await asyncio.wait_for(collect(slow), 5)]
+    # Then it is told about the gap (never silently), and still ends with the terminal event
+    gaps = [e.event for e in got if isinstance(e.event, Gap)]
+    assert gaps and all(g.missed > 0 for g in gaps)
+    assert got[-1].event.type == "complete"
+    delivered = sum(1 for e in got if e.id is not None)
+    assert delivered + sum(g.missed for g in gaps) == 301  # every token and the terminal event
+
+
+async def test_a_new_stream_is_read_promptly_while_the_reader_blocks(coord: Coordinator) -> None:
+    # Given the reader blocked on one session
+    run_a = await start_run(coord, "a")
+    a_task = asyncio.create_task(collect(coord.subscribe("a")))
+    await asyncio.sleep(0.1)
+    # When a subscriber for another session attaches and that session emits
+    run_b = await start_run(coord, "b")
+    b_task = asyncio.create_task(collect(coord.subscribe("b")))
+    await asyncio.sleep(0.05)
+    await run_b.complete()
+    # Then it is delivered long before the reader's 5 s block would time out
+    got = await asyncio.wait_for(b_task, 2)
+    assert [e.event.type for e in got] == ["complete"]
+    await run_a.complete()
+    await asyncio.wait_for(a_task, 2)
+
+
+async def test_bad_last_event_id_is_a_clear_error(coord: Coordinator) -> None:
+    with pytest.raises(ValueError, match="'not-an-id'"):
+        await anext(coord.subscribe("s1", last_event_id="not-an-id"))
+
+
+async def test_junk_key_type_fails_only_its_subscribers(
+    coord: Coordinator, redis: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a healthy session being followed, and a session whose events key is not a stream
+    run = await start_run(coord, "good")
+    good = asyncio.create_task(collect(coord.subscribe("good")))
+    await asyncio.sleep(0.05)
+    await redis.set(coord.keys.events("bad"), "junk")
+    # When someone subscribes to the broken session
+    with caplog.at_level(logging.WARNING), pytest.raises(RunstateError, match="must be a stream"):
+        await asyncio.wait_for(collect(coord.subscribe("bad", last_event_id="0")), 5)
+    # Then the other subscriber goes on
+    await run.complete()
+    assert [e.event.type for e in await asyncio.wait_for(good, 5)] == ["complete"]
