@@ -1,0 +1,98 @@
+"""The runstate CLI, run as a real subprocess against the real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from runstate import Coordinator
+from runstate.events import TaskListUpdated, Token
+from runstate.models import Reserved
+
+
+def runstate(
+    redis_url: str, prefix: str, *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RUNSTATE_REDIS_URL": redis_url, "RUNSTATE_PREFIX": prefix}
+    return subprocess.run(
+        [sys.executable, "-m", "runstate.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_demo_runs_the_scripted_example(redis_url: str, prefix: str) -> None:
+    # When the demo runs against the real server
+    done = runstate(redis_url, prefix, "demo")
+    # Then it shows the live subscribers, the late replay and the cancel, and exits 0
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "[late]               replay  session_title_updated" in out
+    assert "cancel('chat-2') -> True" in out
+    assert "the agent: stopped at a checkpoint" in out
+    assert "cancel again -> False" in out
+    assert "chat-1: completed" in out
+
+
+async def test_ls_show_tail_cancel(redis_url: str, prefix: str) -> None:
+    # Given a running run with a critical event and a token
+    async with Coordinator.from_url(redis_url, prefix=prefix) as coord:
+        reserved = await coord.execute("ops-1", {"q": "x"})
+        assert isinstance(reserved, Reserved)
+        run = await coord.claim("ops-1", reserved.run_id, "w-ops")
+        await run.emit(TaskListUpdated(task_list=["a"]))
+        await run.emit(Token(content="hello"))
+
+        # Then ls lists it, as a table and as JSON
+        table = runstate(redis_url, prefix, "ls")
+        assert table.returncode == 0 and "ops-1" in table.stdout and "w-ops" in table.stdout
+        listed = json.loads(runstate(redis_url, prefix, "--json", "ls").stdout)
+        assert [(r["session_id"], r["status"]) for r in listed] == [("ops-1", "running")]
+
+        # And show prints the runner, its critical events and its last events
+        shown = runstate(redis_url, prefix, "show", "ops-1")
+        assert shown.returncode == 0
+        assert "task_list_updated" in shown.stdout and "hello" in shown.stdout
+        doc = json.loads(runstate(redis_url, prefix, "--json", "show", "ops-1").stdout)
+        assert doc["runner"]["run_id"] == reserved.run_id
+        assert [e["event"]["type"] for e in doc["events"]] == [
+            "execution_started",
+            "task_list_updated",
+            "token",
+        ]
+
+        # When an operator cancels it
+        cancelled = runstate(redis_url, prefix, "cancel", "ops-1")
+        assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
+        # Then a second cancel finds nothing (exit 1), and tail from "0" prints the whole run
+        again = runstate(redis_url, prefix, "--json", "cancel", "ops-1")
+        assert again.returncode == 1
+        assert json.loads(again.stdout) == {"session": "ops-1", "cancelled": False}
+        tail = runstate(redis_url, prefix, "--json", "tail", "ops-1", "--from", "0")
+        types = [json.loads(line)["event"]["type"] for line in tail.stdout.splitlines()]
+        assert types == ["execution_started", "task_list_updated", "token", "cancelled"]
+        assert (await coord.runner("ops-1")).status == "cancelled"  # type: ignore[union-attr]
+
+
+def test_exit_codes_for_missing_and_bad_input(redis_url: str, prefix: str) -> None:
+    missing = runstate(redis_url, prefix, "show", "nobody")
+    assert missing.returncode == 1 and "'nobody'" in missing.stderr
+    bad = runstate(redis_url, prefix, "show", "bad id")
+    assert bad.returncode == 2 and "'bad id'" in bad.stderr
+    env = {k: v for k, v in os.environ.items() if k != "RUNSTATE_REDIS_URL"}
+    no_url = subprocess.run(
+        [sys.executable, "-m", "runstate.cli", "ls"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert no_url.returncode == 2 and "RUNSTATE_REDIS_URL" in no_url.stderr
+    down = runstate("redis://127.0.0.1:1/0", prefix, "ls", timeout=60)
+    assert down.returncode == 3 and "Redis did not answer" in down.stderr
