@@ -23,6 +23,11 @@ from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import fakeredis
+
+# Imported here, at a shallow stack, on purpose: hypothesis's pytest plugin otherwise imports it
+# lazily from deep inside the terminal summary, where CPython 3.11.7's AST check fails
+# ("AST constructor recursion depth mismatch") while pytest rewrites its modules.
+import hypothesis  # noqa: F401
 import pytest
 import redis as redis_sync
 import redis.asyncio as aioredis

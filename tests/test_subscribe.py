@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from runstate import Coordinator, RunHandle, RunstateError, StreamEvent
 from runstate.events import Gap, TaskListUpdated, Token, TokenBudgetUpdated
 from runstate.models import Reserved
+from tests.helpers import eventually
 
 
 async def start_run(coord: Coordinator, sid: str = "s1") -> RunHandle:
@@ -203,7 +204,7 @@ async def test_many_subscribers_share_one_reader(coord: Coordinator) -> None:
     runs = [await start_run(coord, f"s{i}") for i in range(4)]
     its = [coord.subscribe(f"s{i % 4}") for i in range(200)]
     tasks = [asyncio.create_task(collect(it)) for it in its]
-    await asyncio.sleep(0.05)
+    await eventually(lambda: coord._hub.subscribers == 200, what="all 200 attached")
     # Then the process reads 4 streams, not 200
     assert coord._hub.watched == 4
     # When every run emits and ends
@@ -222,12 +223,12 @@ async def test_connections_do_not_grow_with_subscribers(redis_url: str, prefix: 
     async with Coordinator.from_url(redis_url, prefix=prefix) as coord:
         runs = [await start_run(coord, f"s{i}") for i in range(3)]
         few = [asyncio.create_task(collect(coord.subscribe(f"s{i % 3}"))) for i in range(3)]
-        await asyncio.sleep(0.1)
+        await eventually(lambda: coord._hub.subscribers == 3)
         pool = coord.client.connection_pool
         with_few = len(pool._available_connections) + len(pool._in_use_connections)  # type: ignore[attr-defined]
         # When 300 more subscribers attach
         many = [asyncio.create_task(collect(coord.subscribe(f"s{i % 3}"))) for i in range(300)]
-        await asyncio.sleep(0.2)
+        await eventually(lambda: coord._hub.subscribers == 303)
         with_many = len(pool._available_connections) + len(pool._in_use_connections)  # type: ignore[attr-defined]
         for run in runs:
             await run.complete()
@@ -245,7 +246,7 @@ async def test_slow_subscriber_does_not_stall_others_and_catches_up(
         fast_task = asyncio.create_task(collect(coord.subscribe("s1")))
         slow = coord.subscribe("s1")
         slow_first = asyncio.create_task(anext(slow))
-        await asyncio.sleep(0.05)
+        await eventually(lambda: coord._hub.subscribers == 2)
         # When 100 events are emitted
         for i in range(100):
             await run.emit(Token(content=str(i)))
@@ -269,7 +270,7 @@ async def test_slow_subscriber_gets_gap_when_its_events_were_trimmed(
         run = await start_run(coord)
         slow = coord.subscribe("s1")
         first = asyncio.create_task(anext(slow))
-        await asyncio.sleep(0.05)
+        await eventually(lambda: coord._hub.subscribers == 1)
         # When far more events than the stream keeps pass by while it does not read
         for i in range(300):
             await run.emit(Token(content=str(i)))
@@ -287,11 +288,12 @@ async def test_a_new_stream_is_read_promptly_while_the_reader_blocks(coord: Coor
     # Given the reader blocked on one session
     run_a = await start_run(coord, "a")
     a_task = asyncio.create_task(collect(coord.subscribe("a")))
-    await asyncio.sleep(0.1)
+    await eventually(lambda: coord._hub.subscribers == 1)
+    await asyncio.sleep(0.05)  # let the reader block in XREAD on "a" alone
     # When a subscriber for another session attaches and that session emits
     run_b = await start_run(coord, "b")
     b_task = asyncio.create_task(collect(coord.subscribe("b")))
-    await asyncio.sleep(0.05)
+    await eventually(lambda: coord._hub.subscribers == 2)
     await run_b.complete()
     # Then it is delivered long before the reader's 5 s block would time out
     got = await asyncio.wait_for(b_task, 2)
@@ -311,7 +313,7 @@ async def test_junk_key_type_fails_only_its_subscribers(
     # Given a healthy session being followed, and a session whose events key is not a stream
     run = await start_run(coord, "good")
     good = asyncio.create_task(collect(coord.subscribe("good")))
-    await asyncio.sleep(0.05)
+    await eventually(lambda: coord._hub.subscribers == 1)
     await redis.set(coord.keys.events("bad"), "junk")
     # When someone subscribes to the broken session
     with caplog.at_level(logging.WARNING), pytest.raises(RunstateError, match="must be a stream"):
