@@ -381,6 +381,9 @@ class EmbeddedServer:
                 stdout=stdio,
                 stderr=subprocess.STDOUT,
                 cwd=self._dir,
+                # Its own session: a Ctrl-C in the terminal goes to our process group, and the
+                # server must outlive a draining worker; we stop it ourselves.
+                start_new_session=True,
             )
         self._proc = proc
         self._port = port

@@ -1,0 +1,291 @@
+"""``python -m workers`` as real subprocesses: cross-process cancel, SIGKILL, SIGTERM, bad apps."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from runstate import Coordinator
+from runstate.config import ENV_PREFIX, ENV_URL
+from runstate.queue import Queue, now_ms
+from tests.agents import basic
+from tests.agents.helpers import eventually, stream_events, wait_status
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = "tests.agents.basic:agent"
+FAST_ARGS = [
+    "--heartbeat-interval",
+    "0.1",
+    "--lost-after",
+    "1.0",
+    "--reaper-interval",
+    "0.2",
+    "--scan-interval",
+    "0.5",
+    "--schedule-interval",
+    "0.05",
+    "--block-ms",
+    "200",
+    "--log-level",
+    "INFO",
+]
+
+
+class WorkerProcess:
+    """One ``python -m workers`` subprocess, its output going to a log file."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], worker_id: str, log: Path) -> None:
+        self.proc = proc
+        self.id = worker_id
+        self.log = log
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def wait(self, limit: float = 20.0) -> int:
+        try:
+            return self.proc.wait(limit)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"worker {self.id} did not exit:\n{self.output()}") from None
+
+
+StartProcess = Callable[..., WorkerProcess]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in (ENV_URL, ENV_PREFIX)}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture
+def start_process(redis_url: str, prefix: str, tmp_path: Path) -> Iterator[StartProcess]:
+    """Start worker subprocesses; any still alive at teardown are killed."""
+    procs: list[WorkerProcess] = []
+    files: list[IO[bytes]] = []
+
+    def start(name: str, *extra: str, app: str = APP) -> WorkerProcess:
+        log = tmp_path / f"{name}.log"
+        out = log.open("wb")
+        files.append(out)
+        cmd = [sys.executable, "-m", "workers", app, "--redis-url", redis_url, "--prefix", prefix]
+        cmd += [*FAST_ARGS, "--worker-id", name, *extra]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT)
+        worker = WorkerProcess(proc, name, log)
+        procs.append(worker)
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in procs:
+            if worker.proc.poll() is None:
+                worker.proc.kill()
+            worker.proc.wait()
+        for f in files:
+            f.close()
+
+
+@pytest.fixture
+async def rcoord(real_redis: aioredis.Redis, prefix: str) -> AsyncIterator[Coordinator]:
+    """A Coordinator on the real server (the one the subprocesses use)."""
+    c = Coordinator(real_redis, prefix=prefix)
+    try:
+        yield c
+    finally:
+        await c.aclose()
+
+
+async def registered(coord: Coordinator, worker: WorkerProcess) -> None:
+    """Wait until the worker process has heartbeated (it reads the queue right after)."""
+    queue = Queue(coord.store)
+    try:
+        await eventually(queue.worker_deadlines, lambda d: worker.id in d, what=worker.id)
+    except AssertionError:
+        raise AssertionError(f"worker {worker.id} did not start:\n{worker.output()}") from None
+
+
+def records(folder: Path) -> list[dict[str, Any]]:
+    return basic.read_records(str(folder))
+
+
+def test_bad_app_paths_and_options_exit_2_naming_them() -> None:
+    cases = {
+        "no_colon": "invalid app 'no_colon': expected 'module:function'",
+        "tests.agents.nope:agent": "cannot import module 'tests.agents.nope' of app "
+        "'tests.agents.nope:agent'",
+        "tests.agents.basic:missing": "app 'tests.agents.basic:missing': module "
+        "'tests.agents.basic' has no attribute 'missing'",
+        "tests.agents.basic:read_records": "app 'tests.agents.basic:read_records' is <function",
+    }
+    # An unreachable URL: the app is checked before anything connects.
+    runs = {
+        app: [sys.executable, "-m", "workers", app, "--redis-url", "redis://127.0.0.1:1/0"]
+        for app in cases
+    }
+    runs["--concurrency 0"] = [sys.executable, "-m", "workers", APP, "--concurrency", "0"]
+    cases["--concurrency 0"] = "argument --concurrency: must be >= 1, got '0'"
+    procs = {
+        name: subprocess.Popen(cmd, cwd=ROOT, env=_env(), stderr=subprocess.PIPE)
+        for name, cmd in runs.items()
+    }
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 2, err
+        assert cases[name] in err.decode()
+
+
+async def test_a_cancel_reaches_a_run_in_another_process(
+    rcoord: Coordinator, start_process: StartProcess, tmp_path: Path
+) -> None:
+    # Given a worker process running a long run
+    worker = start_process("w1")
+    await registered(rcoord, worker)
+    payload = {"steps": 2000, "delay": 0.01, "record_dir": str(tmp_path)}
+    res = await rcoord.execute("s1", payload)
+    await wait_status(rcoord, "s1", "running")
+    # When this process cancels it
+    assert await rcoord.cancel("s1", "stop from another process")
+    # Then the run sees the cancel at its next checkpoint, and writes nothing after it
+    await eventually(
+        lambda: _async(records(tmp_path)),
+        lambda rs: [r["what"] for r in rs] == ["start", "cancelled"],
+        what="the agent to see the cancel",
+    )
+    events = await stream_events(rcoord, "s1")
+    assert events[-1]["type"] == "cancelled" and events[-1]["run"] == res.run_id
+    await eventually(
+        lambda: _async(worker.output()),
+        lambda out: f"run={res.run_id} attempt=1 outcome=cancelled" in out,
+        what="the worker to log the outcome",
+    )
+    assert (await stream_events(rcoord, "s1"))[-1]["type"] == "cancelled"
+    # And the worker serves the session's next run
+    await rcoord.execute("s1", {"steps": 1})
+    await wait_status(rcoord, "s1", "completed")
+
+
+async def test_sigkill_with_runs_in_flight_every_run_ends_and_never_runs_twice_at_once(
+    rcoord: Coordinator, start_process: StartProcess, tmp_path: Path
+) -> None:
+    # Given worker A running three runs
+    a = start_process("wA", "--concurrency", "4")
+    await registered(rcoord, a)
+    payload = {"steps": 20, "delay": 0.05, "record_dir": str(tmp_path)}
+    runs = {sid: (await rcoord.execute(sid, payload)).run_id for sid in ("k1", "k2", "k3")}
+    for sid in runs:
+        state = await wait_status(rcoord, sid, "running")
+        assert state.worker == "wA"
+    # And worker B, idle
+    b = start_process("wB", "--concurrency", "4")
+    await registered(rcoord, b)
+    # When A is killed
+    a.proc.send_signal(signal.SIGKILL)
+    a.wait()
+    killed_at = time.time()
+    # Then every run completes, as a second attempt, on B
+    for sid, run_id in runs.items():
+        state = await wait_status(rcoord, sid, "completed", "error", limit=20)
+        assert (state.status, state.run_id, state.attempt, state.worker) == (
+            "completed",
+            run_id,
+            2,
+            "wB",
+        )
+        types = [e["type"] for e in await stream_events(rcoord, sid)]
+        assert types.count("execution_started") == 2 and types[-1] == "complete"
+    # And no run was executed by two workers at once: A's attempts never ended, B's began after
+    # A was dead
+    rs = records(tmp_path)
+    for sid in runs:
+        mine = [r for r in rs if r["session"] == sid]
+        assert [(r["what"], r["worker"], r["attempt"]) for r in mine] == [
+            ("start", "wA", 1),
+            ("start", "wB", 2),
+            ("end", "wB", 2),
+        ]
+        assert mine[1]["t"] >= killed_at
+
+
+async def test_retry_budget_exhausted_ends_the_run_as_error_naming_the_lost_worker(
+    rcoord: Coordinator, start_process: StartProcess
+) -> None:
+    # Given a run on its only attempt
+    a = start_process("wA", "--max-attempts", "1")
+    await registered(rcoord, a)
+    res = await rcoord.execute("s1", {"steps": 1000, "delay": 0.01})
+    await wait_status(rcoord, "s1", "running")
+    # When its worker is killed and another worker's reaper notices
+    a.proc.send_signal(signal.SIGKILL)
+    a.wait()
+    b = start_process("wB", "--max-attempts", "1")
+    await registered(rcoord, b)
+    # Then the run ends as error, saying which worker was lost
+    state = await wait_status(rcoord, "s1", "error", limit=20)
+    assert state.run_id == res.run_id and state.attempt == 1
+    assert state.error is not None and state.error.startswith("worker 'wA' was lost")
+    events = await stream_events(rcoord, "s1")
+    assert events[-1]["type"] == "error" and "'wA'" in events[-1]["message"]
+
+
+async def test_sigterm_drains_and_exits_0(rcoord: Coordinator, start_process: StartProcess) -> None:
+    # Given a worker with runs in flight
+    w = start_process("w1", "--shutdown-grace", "20")
+    await registered(rcoord, w)
+    for sid in ("d1", "d2"):
+        await rcoord.execute(sid, {"steps": 10, "delay": 0.05})
+    for sid in ("d1", "d2"):
+        await wait_status(rcoord, sid, "running")
+    # When it gets SIGTERM
+    w.proc.send_signal(signal.SIGTERM)
+    # Then it finishes them, unregisters, and exits 0
+    assert w.wait() == 0, w.output()
+    for sid in ("d1", "d2"):
+        state = await rcoord.runner(sid)
+        assert state is not None and state.status == "completed"
+    assert await Queue(rcoord.store).worker_deadlines() == {}
+    assert "stopping (received SIGTERM)" in w.output()
+
+
+async def test_sigterm_past_the_grace_period_requeues_and_a_second_signal_exits_at_once(
+    rcoord: Coordinator, start_process: StartProcess
+) -> None:
+    # Given a worker whose run outlives a short grace period
+    w = start_process("w1", "--shutdown-grace", "0.1")
+    await registered(rcoord, w)
+    res = await rcoord.execute("long", {"steps": 1000, "delay": 0.01})
+    await wait_status(rcoord, "long", "running")
+    # When it gets SIGTERM, the run is requeued for another worker and the process exits 0
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.wait() == 0, w.output()
+    state = await rcoord.runner("long")
+    assert state is not None and (state.status, state.attempt) == ("pending", 1)
+    assert ("long", res.run_id) in (await Queue(rcoord.store).queued_runs() or set())
+
+    # Given a worker stuck in a run that never reaches a safe point
+    stuck = start_process("w2", "--shutdown-grace", "30")
+    await registered(rcoord, stuck)
+    await rcoord.execute("hang", {"kind": "forever"})
+    await wait_status(rcoord, "hang", "running")
+    # When it gets SIGTERM, then SIGINT while draining
+    stuck.proc.send_signal(signal.SIGTERM)
+    await eventually(lambda: _async(stuck.output()), lambda out: "stopping" in out, what="draining")
+    stuck.proc.send_signal(signal.SIGINT)
+    # Then it exits at once with 128 + SIGINT; its runs are left to the reaper
+    assert stuck.wait(5) == 128 + signal.SIGINT
+    assert "received SIGINT again: exiting at once" in stuck.output()
+    deadline = (await Queue(rcoord.store).worker_deadlines())["w2"]
+    assert deadline < now_ms() + 1000
+
+
+async def _async(value: Any) -> Any:
+    return value
