@@ -23,7 +23,7 @@ import json
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
 
 from .errors import EventTooLarge, UnknownEventType
 
@@ -294,7 +294,8 @@ class StreamEvent(BaseModel):
 
     id: str | None
     run_id: str
-    event: AgentEvent
+    # SerializeAsAny: dump the event's own fields, not only those of the AgentEvent base.
+    event: SerializeAsAny[AgentEvent]
     seq: int | None = None
 
 

@@ -8,7 +8,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny
 
 from .events import AgentEvent, parse_event
 
@@ -81,8 +81,8 @@ class RunnerState(BaseModel):
     status: RunStatus
     started_at: datetime | None = None
     completed_at: datetime | None = None
-    last_budget_event: AgentEvent | None = None
-    last_critical_events: list[AgentEvent] = Field(default_factory=list)
+    last_budget_event: SerializeAsAny[AgentEvent] | None = None
+    last_critical_events: list[SerializeAsAny[AgentEvent]] = Field(default_factory=list)
     last_tool_name: str | None = None
     last_tool_phase: str | None = None
     last_event_at: datetime | None = None
