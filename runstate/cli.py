@@ -1,7 +1,9 @@
-"""The ``runstate`` command: the demo, and what an operator types to see and steer runs.
+"""The ``runstate`` command: the demo, the HTTP server, and what an operator types to see and
+steer runs.
 
 Exit codes: 0 success; 1 the thing asked about is not there (``show`` of an unknown session,
-``cancel`` with nothing active); 2 bad usage or bad input; 3 Redis unreachable.
+``cancel`` with nothing active); 2 bad usage or bad input (``serve``: also a server that could
+not start, e.g. its port is taken); 3 Redis unreachable.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
@@ -18,9 +22,12 @@ from .config import load_settings
 from .coordinator import Coordinator
 from .embedded import redis_url_or_embedded
 from .errors import RedisUnavailable
+from .keys import validate_prefix
 from .models import RunnerState
 
 EXIT_OK, EXIT_MISSING, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 Command = Callable[[Coordinator, argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -123,6 +130,71 @@ async def cmd_cancel(coord: Coordinator, args: argparse.Namespace) -> int:
     return EXIT_OK if cancelled else EXIT_MISSING
 
 
+async def cmd_workers(coord: Coordinator, args: argparse.Namespace) -> int:
+    from .queue import Queue
+
+    queue = Queue(coord.store)
+    deadlines = await queue.worker_deadlines()
+    infos = await queue.worker_info(list(deadlines))
+    runs = await coord.active_runs()
+    now_ms = datetime.now(UTC).timestamp() * 1000
+    rows: list[dict[str, Any]] = []
+    for (wid, deadline), info in zip(deadlines.items(), infos, strict=True):
+        mine = [r.session_id for r in runs if r.worker == wid and r.status == "running"]
+        rows.append(
+            {
+                "worker": wid,
+                "alive": deadline >= now_ms,
+                "deadline_in_s": round((deadline - now_ms) / 1000, 1),
+                "host": info.get("host"),
+                "pid": info.get("pid"),
+                "concurrency": info.get("concurrency"),
+                "started_at": info.get("started_at"),
+                "last_heartbeat": info.get("beat_at"),
+                "running": mine,
+            }
+        )
+    if args.json:
+        _print_json(rows)
+        return EXIT_OK
+    if not rows:
+        print("no workers")
+        return EXIT_OK
+    table = [
+        [
+            str(r["worker"]),
+            "alive" if r["alive"] else "LOST",
+            f"{r['deadline_in_s']}s",
+            f"{r['host'] or '-'}:{r['pid'] or '-'}",
+            str(r["concurrency"] or "-"),
+            str(len(r["running"])),
+            ",".join(r["running"])[:60] or "-",
+        ]
+        for r in rows
+    ]
+    header = ["worker", "state", "deadline", "host:pid", "conc", "runs", "sessions"]
+    print(_table(table, header))
+    return EXIT_OK
+
+
+async def cmd_reap(coord: Coordinator, args: argparse.Namespace) -> int:
+    from workers.reaper import reap_once
+
+    report = await reap_once(
+        coord, max_attempts=args.max_attempts, undispatched_after=args.undispatched_after
+    )
+    data = {k: v for k, v in vars(report).items()}
+    if args.json:
+        _print_json(data)
+        return EXIT_OK
+    if not report.changed:
+        print("nothing to repair")
+    for key, value in data.items():
+        if value and key != "scanned":
+            print(f"{key}: {value}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="runstate", description="Coordinate AI-agent runs through Redis."
@@ -146,7 +218,60 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = sub.add_parser("cancel", help="cancel a session's active run")
     cancel.add_argument("session")
     cancel.add_argument("--reason", default="cancelled by operator")
+    sub.add_parser("workers", help="live and lost workers, their runs and last heartbeat")
+    reap = sub.add_parser("reap", help="one reaper pass: recover runs of lost workers, repair")
+    reap.add_argument("--max-attempts", type=int, default=3, help="attempts per run (3)")
+    reap.add_argument(
+        "--undispatched-after",
+        type=float,
+        default=30.0,
+        help="seconds a pending run may wait undispatched before it is dispatched again (30)",
+    )
+    serve = sub.add_parser(
+        "serve",
+        help="serve the HTTP API and the ops page (an embedded server when no URL is set)",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (127.0.0.1)")
+    serve.add_argument("--port", type=_port, default=8000, help="TCP port (8000)")
+    serve.add_argument(
+        "--keepalive",
+        type=_seconds,
+        default=15.0,
+        help="seconds of silence before an event stream sends a keepalive comment (15)",
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=_seconds,
+        default=3.0,
+        help="seconds open event streams get to end at shutdown before they are cut (3)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn's log level (info)",
+    )
     return parser
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {value!r}: use 0-65535")
+    return port
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid duration {value!r}: use seconds > 0")
+    return seconds
 
 
 COMMANDS: dict[str, Command] = {
@@ -154,7 +279,72 @@ COMMANDS: dict[str, Command] = {
     "show": cmd_show,
     "tail": cmd_tail,
     "cancel": cmd_cancel,
+    "workers": cmd_workers,
+    "reap": cmd_reap,
 }
+
+
+async def _ping(url: str, prefix: str) -> None:
+    """Fail early (RedisUnavailable) when Redis does not answer, through the retry policy."""
+    async with Coordinator.from_url(url, prefix) as coord:
+        await coord.store.retry.call("ping", coord.client.ping)
+
+
+def cmd_serve(args: argparse.Namespace, redis_url: str | None, prefix: str) -> int:
+    """Run the HTTP API under uvicorn until SIGINT/SIGTERM."""
+    try:
+        import uvicorn
+        from uvicorn.config import STARTUP_FAILURE
+
+        from .http import create_app
+    except ImportError as exc:
+        print(
+            f"runstate: serve needs the http extra (pip install 'runstate[http]'): {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    validate_prefix(prefix)
+    with redis_url_or_embedded(redis_url) as url:
+        if not redis_url:
+            print(f"runstate: started an embedded Redis-compatible server at {url}", flush=True)
+        asyncio.run(_ping(url, prefix))
+        app = create_app(redis_url=url, prefix=prefix, keepalive=args.keepalive)
+        config = uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            lifespan="on",
+            # Event streams never end by themselves: without a bound, shutdown waits for
+            # every client to leave. Clients resume elsewhere with Last-Event-ID.
+            timeout_graceful_shutdown=math.ceil(args.shutdown_timeout),
+        )
+        server = uvicorn.Server(config)
+
+        def after_drain(signum: int, frame: object) -> None:
+            # uvicorn drains on SIGTERM/SIGINT, then raises the same signal again under the
+            # handler it found (this one), expecting it to kill the process: that would skip
+            # the cleanup below (an embedded server would outlive us). A signal uvicorn did not
+            # drain on (before it started listening) exits now, through that cleanup.
+            if not server.should_exit:
+                raise SystemExit(128 + signum)
+
+        previous = {sig: signal.signal(sig, after_drain) for sig in _STOP_SIGNALS}
+        try:
+            server.run()
+        except SystemExit as exc:
+            if exc.code != STARTUP_FAILURE:  # e.g. the port is taken; uvicorn logged why
+                raise
+            server.started = False
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    if not server.started:
+        print(
+            f"runstate: the HTTP server did not start on {args.host}:{args.port}", file=sys.stderr
+        )
+        return EXIT_USAGE
+    return EXIT_OK
 
 
 async def _run_ops(command: Command, args: argparse.Namespace, url: str, prefix: str) -> int:
@@ -167,11 +357,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = load_settings(args.redis_url, args.prefix)
     try:
         if args.command == "demo":
-            from .demo import run_local_demo
+            from .demo import run_local_demo, run_worker_demo
 
             with redis_url_or_embedded(settings.redis_url) as url:
-                asyncio.run(run_local_demo(url))
-            return EXIT_OK
+                if args.local:
+                    asyncio.run(run_local_demo(url))
+                    return EXIT_OK
+                return asyncio.run(run_worker_demo(url))
+        if args.command == "serve":
+            return cmd_serve(args, settings.redis_url, settings.prefix)
         if not settings.redis_url:
             print(
                 "runstate: no Redis URL: pass --redis-url or set RUNSTATE_REDIS_URL",

@@ -1,14 +1,23 @@
-"""``runstate demo --local``: the library on its own, scripted, on a real (embedded) server.
+"""``runstate demo``: runstate at work on a real (embedded) server.
 
-One process reserves a session and runs an agent-like task in-process, two subscribers watch it
-live, a late subscriber joins mid-run and gets the replay (critical events, the last budget
-event), and a second run is cancelled mid-run and stops at its next checkpoint.
+The main demo starts two worker processes, runs five agent-like runs at once, streams one of them
+live, cancels another mid-run, kills a worker with SIGKILL and shows its run recovered by the
+other, then prints a summary table.
+
+``runstate demo --local`` shows the library on its own: one process reserves a session and
+runs an agent-like task in-process, two subscribers watch it live, a late subscriber joins
+mid-run and gets the replay (critical events, the last budget event), and a second run is
+cancelled mid-run and stops at its next checkpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from typing import TextIO
 
 from .coordinator import Coordinator
@@ -25,6 +34,7 @@ from .events import (
     ToolStart,
 )
 from .models import Reserved
+from .queue import Queue
 from .run import RunHandle
 
 WORDS = "Redis streams keep every event so that a late subscriber can catch up".split()  # noqa: SIM905
@@ -120,3 +130,167 @@ async def run_local_demo(url: str, out: TextIO = sys.stdout, delay: float = 0.05
             "   (the embedded server stops with the demo; set RUNSTATE_REDIS_URL to keep them)",
             file=out,
         )
+
+
+# ---- the main demo: worker processes -------------------------------------------------------
+
+WORKER_ARGS = [
+    "workers.demo_agent:agent",
+    "--concurrency",
+    "4",
+    "--heartbeat-interval",
+    "0.5",
+    "--lost-after",
+    "2",
+    "--reaper-interval",
+    "0.5",
+    "--undispatched-after",
+    "5",
+    "--shutdown-grace",
+    "10",
+    "--log-level",
+    "WARNING",
+]
+SESSIONS = [f"research-{n}" for n in range(1, 6)]
+DEMO_PREFIX = "runstate-demo"
+
+
+def start_worker(url: str, worker_id: str) -> subprocess.Popen[bytes]:
+    """A real worker process, as ``python -m workers`` starts it."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "workers",
+            *WORKER_ARGS,
+            "--redis-url",
+            url,
+            "--prefix",
+            DEMO_PREFIX,
+            "--worker-id",
+            worker_id,
+        ],
+        stdin=subprocess.DEVNULL,
+    )
+
+
+async def stream_live(coord: Coordinator, session: str, out: TextIO) -> None:
+    """Print one session's events as they arrive: tokens inline, everything else on its line."""
+    inline = False
+    dim = out.isatty()  # reasoning tokens dimmed on a terminal
+    async for item in coord.subscribe(session):
+        event = item.event
+        if event.type in ("token", "reasoning_token"):
+            text = getattr(event, "content", "")
+            if event.type == "reasoning_token" and dim:
+                text = f"\x1b[2m{text}\x1b[0m"
+            print(text, end="", file=out, flush=True)
+            inline = True
+            continue
+        if inline:
+            print(file=out)
+            inline = False
+        print(f"   {session} | {item.id or 'replay':>20}  {describe(event)}", file=out, flush=True)
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], limit: float) -> bool:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if await check():
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def run_worker_demo(url: str, out: TextIO = sys.stdout) -> int:
+    """2 worker processes, 5 runs at once, one streamed live, one cancelled, one worker killed."""
+    print(f"Redis at {url}; starting 2 worker processes (python -m workers ...)", file=out)
+    procs = {wid: start_worker(url, wid) for wid in ("demo-w1", "demo-w2")}
+    try:
+        async with Coordinator.from_url(url, prefix=DEMO_PREFIX) as coord:
+            queue = Queue(coord.store)
+
+            async def both_alive() -> bool:
+                return len(await queue.worker_deadlines()) == 2
+
+            if not await wait_until(both_alive, 20):
+                print("the workers did not start", file=out)
+                return 1
+
+            print(f"\n1. execute {len(SESSIONS)} runs at once; stream {SESSIONS[0]} live", file=out)
+            started = {}
+            for n, sid in enumerate(SESSIONS, 1):
+                result = await coord.execute(sid, {"prompt": f"question {n}", "rounds": 3})
+                started[sid] = result.run_id
+            live = asyncio.create_task(stream_live(coord, SESSIONS[0], out))
+
+            await asyncio.sleep(1.0)
+            print(
+                f"\n2. cancel {SESSIONS[1]} mid-run -> {await coord.cancel(SESSIONS[1])}", file=out
+            )
+
+            victim = await coord.runner(SESSIONS[2])
+            assert victim is not None and victim.worker in procs
+            print(
+                f"\n3. SIGKILL {victim.worker}, which is running {SESSIONS[2]} "
+                f"(attempt {victim.attempt}); a reaper in the other worker recovers it",
+                file=out,
+            )
+            procs[victim.worker].kill()
+            procs[victim.worker].wait()
+
+            async def all_ended() -> bool:
+                states = await asyncio.gather(*(coord.runner(s) for s in SESSIONS))
+                return all(s is not None and s.status.is_terminal for s in states)
+
+            ended = await wait_until(all_ended, 60)
+            await asyncio.wait_for(live, 10)
+
+            print("\n4. summary", file=out)
+            rows = []
+            for sid in SESSIONS:
+                state = await coord.runner(sid)
+                assert state is not None
+                took = (
+                    f"{(state.completed_at - state.started_at).total_seconds():.1f}s"
+                    if state.completed_at and state.started_at
+                    else "-"
+                )
+                rows.append(
+                    [
+                        sid,
+                        state.status.value,
+                        str(state.attempt),
+                        str(state.round_count),
+                        str(state.seq),
+                        took,
+                        state.worker or "-",
+                        (state.error or "")[:40],
+                    ]
+                )
+            header = [
+                "session",
+                "status",
+                "attempts",
+                "rounds",
+                "events",
+                "duration",
+                "worker",
+                "error",
+            ]
+            widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+            for row in [header, *rows]:
+                print(
+                    "   " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)),
+                    file=out,
+                )
+        survivor = next(wid for wid in procs if wid != victim.worker)
+        procs[survivor].send_signal(signal.SIGTERM)
+        code = procs[survivor].wait(timeout=30)
+        print(f"\n5. SIGTERM {survivor}: drained and exited with code {code}", file=out)
+        return 0 if ended and code == 0 else 1
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 from runstate import Coordinator
 from runstate.events import TaskListUpdated, Token
@@ -26,9 +27,9 @@ def runstate(
     )
 
 
-def test_demo_runs_the_scripted_example(redis_url: str, prefix: str) -> None:
-    # When the demo runs against the real server
-    done = runstate(redis_url, prefix, "demo")
+def test_local_demo_runs_the_scripted_example(redis_url: str, prefix: str) -> None:
+    # When the library-only demo runs against the real server
+    done = runstate(redis_url, prefix, "demo", "--local")
     # Then it shows the live subscribers, the late replay and the cancel, and exits 0
     assert done.returncode == 0, done.stderr
     out = done.stdout
@@ -37,6 +38,25 @@ def test_demo_runs_the_scripted_example(redis_url: str, prefix: str) -> None:
     assert "the agent: stopped at a checkpoint" in out
     assert "cancel again -> False" in out
     assert "chat-1: completed" in out
+
+
+def test_demo_with_workers_cancel_and_a_killed_worker(redis_url: str, prefix: str) -> None:
+    # When the main demo runs: 2 worker processes, 5 runs, a cancel, a SIGKILLed worker
+    done = runstate(redis_url, prefix, "demo", timeout=120)
+    # Then every run ended, the cancelled one as cancelled, the killed worker's runs recovered
+    # as a second attempt, and the surviving worker drained and exited 0
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {
+        line.split()[0]: line.split()
+        for line in done.stdout.splitlines()
+        if line.strip().startswith("research-") and " | " not in line
+    }
+    assert sorted(rows) == [f"research-{n}" for n in range(1, 6)]
+    assert rows["research-2"][1] == "cancelled"
+    assert rows["research-3"][1] == "completed" and rows["research-3"][2] == "2"
+    assert {r[1] for n, r in rows.items() if n != "research-2"} == {"completed"}
+    assert "drained and exited with code 0" in done.stdout
+    assert "execution_started" in done.stdout  # the live stream of research-1
 
 
 async def test_ls_show_tail_cancel(redis_url: str, prefix: str) -> None:
@@ -76,6 +96,8 @@ async def test_ls_show_tail_cancel(redis_url: str, prefix: str) -> None:
         tail = runstate(redis_url, prefix, "--json", "tail", "ops-1", "--from", "0")
         types = [json.loads(line)["event"]["type"] for line in tail.stdout.splitlines()]
         assert types == ["execution_started", "task_list_updated", "token", "cancelled"]
+        token = json.loads(tail.stdout.splitlines()[2])["event"]
+        assert token == {"type": "token", "content": "hello"}  # the event's own fields too
         assert (await coord.runner("ops-1")).status == "cancelled"  # type: ignore[union-attr]
 
 
@@ -96,3 +118,46 @@ def test_exit_codes_for_missing_and_bad_input(redis_url: str, prefix: str) -> No
     assert no_url.returncode == 2 and "RUNSTATE_REDIS_URL" in no_url.stderr
     down = runstate("redis://127.0.0.1:1/0", prefix, "ls", timeout=60)
     assert down.returncode == 3 and "Redis did not answer" in down.stderr
+
+
+def test_workers_and_reap(redis_url: str, prefix: str) -> None:
+    # Given a live worker process
+    env = {**os.environ, "RUNSTATE_REDIS_URL": redis_url, "RUNSTATE_PREFIX": prefix}
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "workers",
+            "workers.demo_agent:agent",
+            "--worker-id",
+            "cli-w1",
+            "--heartbeat-interval",
+            "0.2",
+            "--log-level",
+            "WARNING",
+        ],
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        rows: list[dict[str, object]] = []
+        while time.monotonic() < deadline and not rows:
+            rows = json.loads(runstate(redis_url, prefix, "--json", "workers").stdout)
+            time.sleep(0.1)
+        # Then `workers` lists it alive, with its pid, in JSON and as a table
+        assert [(r["worker"], r["alive"], r["pid"]) for r in rows] == [
+            ("cli-w1", True, str(worker.pid))
+        ]
+        table = runstate(redis_url, prefix, "workers")
+        assert "cli-w1" in table.stdout and "alive" in table.stdout
+        # And a reaper pass finds nothing to repair
+        reaped = runstate(redis_url, prefix, "reap")
+        assert reaped.returncode == 0 and "nothing to repair" in reaped.stdout
+        report = json.loads(runstate(redis_url, prefix, "--json", "reap").stdout)
+        assert report["requeued"] == [] and report["failed"] == []
+    finally:
+        worker.terminate()
+        assert worker.wait(timeout=30) == 0
+    # When it has drained and retired, it is gone from the list
+    assert json.loads(runstate(redis_url, prefix, "--json", "workers").stdout) == []
