@@ -9,6 +9,7 @@ from .coordinator import Coordinator
 from .errors import (
     EventError,
     EventTooLarge,
+    RedisAccessDenied,
     RedisUnavailable,
     RunCancelled,
     RunstateError,
@@ -31,6 +32,7 @@ __all__ = [
     "EventError",
     "EventTooLarge",
     "Keys",
+    "RedisAccessDenied",
     "RedisUnavailable",
     "Reserved",
     "RetryPolicy",

@@ -15,7 +15,7 @@ import contextlib
 import logging
 from typing import Any
 
-from .retry import TRANSIENT_ERRORS, cancel_and_wait
+from .retry import TRANSIENT_ERRORS, cancel_and_wait, describe
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,9 @@ class CancelWatcher:
             except asyncio.CancelledError:
                 raise
             except TRANSIENT_ERRORS as exc:
-                log.warning("cancel listener lost Redis (%r); retrying in %.2fs", exc, wait)
+                log.warning(
+                    "cancel listener lost Redis (%s); retrying in %.2fs", describe(exc), wait
+                )
             except Exception as exc:
                 log.error("cancel listener failed: %r; retrying in %.2fs", exc, wait)
             finally:

@@ -2,8 +2,9 @@
 steer runs.
 
 Exit codes: 0 success; 1 the thing asked about is not there (``show`` of an unknown session,
-``cancel`` with nothing active); 2 bad usage or bad input (``serve``: also a server that could
-not start, e.g. its port is taken); 3 Redis unreachable.
+``cancel`` with nothing active); 2 bad usage or bad input, including junk found in Redis
+(``serve``: also a server that could not start, e.g. its port is taken); 3 Redis unreachable or
+refusing access (a wrong password, an ACL).
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 from .config import load_settings
 from .coordinator import Coordinator
 from .embedded import redis_url_or_embedded
-from .errors import RedisUnavailable
+from .errors import RedisUnavailable, RunstateError
 from .keys import validate_prefix
 from .models import RunnerState
 
@@ -202,24 +205,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--redis-url", help="Redis URL (default: $RUNSTATE_REDIS_URL)")
     parser.add_argument("--prefix", help="key prefix (default: $RUNSTATE_PREFIX or 'runstate')")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    # --json is also accepted after the command (`runstate ls --json`)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="run the demo on an embedded server")
     demo.add_argument("--local", action="store_true", help="library only: no worker processes")
 
-    sub.add_parser("ls", help="active runs")
-    show = sub.add_parser("show", help="a session's runner, critical events and last events")
+    sub.add_parser("ls", parents=[common], help="active runs")
+    show = sub.add_parser(
+        "show", parents=[common], help="a session's runner, critical events and last events"
+    )
     show.add_argument("session")
     show.add_argument("--events", type=int, default=10, help="how many last events (10)")
-    tail = sub.add_parser("tail", help="follow a session's events (resumable)")
+    tail = sub.add_parser("tail", parents=[common], help="follow a session's events (resumable)")
     tail.add_argument("session")
     tail.add_argument("--from", dest="from_id", help="resume after this stream id ('0': all)")
     tail.add_argument("--follow", action="store_true", help="keep going after the run ends")
-    cancel = sub.add_parser("cancel", help="cancel a session's active run")
+    cancel = sub.add_parser("cancel", parents=[common], help="cancel a session's active run")
     cancel.add_argument("session")
     cancel.add_argument("--reason", default="cancelled by operator")
-    sub.add_parser("workers", help="live and lost workers, their runs and last heartbeat")
-    reap = sub.add_parser("reap", help="one reaper pass: recover runs of lost workers, repair")
+    sub.add_parser(
+        "workers", parents=[common], help="live and lost workers, their runs and last heartbeat"
+    )
+    reap = sub.add_parser(
+        "reap", parents=[common], help="one reaper pass: recover runs of lost workers, repair"
+    )
     reap.add_argument("--max-attempts", type=int, default=3, help="attempts per run (3)")
     reap.add_argument(
         "--undispatched-after",
@@ -361,9 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             with redis_url_or_embedded(settings.redis_url) as url:
                 if args.local:
-                    asyncio.run(run_local_demo(url))
+                    asyncio.run(run_local_demo(url, settings.prefix))
                     return EXIT_OK
-                return asyncio.run(run_worker_demo(url))
+                return asyncio.run(run_worker_demo(url, settings.prefix))
         if args.command == "serve":
             return cmd_serve(args, settings.redis_url, settings.prefix)
         if not settings.redis_url:
@@ -378,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RedisUnavailable as exc:
         print(f"runstate: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    except ValueError as exc:
+    except (ValueError, RunstateError, ResponseError) as exc:  # e.g. junk written by hand
         print(f"runstate: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import uuid
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from .cancellation import CancelWatcher
 from .config import load_settings
+from .errors import RedisUnavailable, RunstateError
 from .events import DEFAULT_MAX_EVENT_BYTES, StreamEvent
 from .keys import Keys, validate_session_id
 from .models import Reserved, ReserveResult, RunnerState, RunStatus
@@ -21,6 +23,8 @@ from .run import RunHandle
 from .store import DEFAULT_CRITICAL_CAP, DEFAULT_MAXLEN, DEFAULT_RETENTION, Store
 from .subscription import Hub, subscribe
 
+log = logging.getLogger(__name__)
+
 DEFAULT_SOCKET_TIMEOUT = 10.0
 
 
@@ -28,7 +32,9 @@ class Coordinator:
     """Runs, events and cancellation of many sessions, shared through Redis.
 
     Args:
-        client: a redis-py asyncio client made with ``decode_responses=True``.
+        client: a redis-py asyncio client made with ``decode_responses=True`` (and, like
+            :meth:`from_url`'s, ``encoding_errors="replace"``, so that bytes written by hand
+            that are not UTF-8 read as junk to skip rather than failing the reply they are in).
         prefix: the prefix of every key (default ``runstate``).
         retention: seconds a finished session's keys are kept (default 1 hour; 0 keeps them).
         maxlen: approximate cap of each session's event stream (default 1000).
@@ -110,6 +116,9 @@ class Coordinator:
             max_connections=max_connections,
             timeout=DEFAULT_SOCKET_TIMEOUT,
             decode_responses=True,
+            # Bytes written by hand that are not UTF-8 read as U+FFFD (and are then skipped as
+            # junk) instead of failing the whole reply they are in.
+            encoding_errors="replace",
             socket_connect_timeout=5.0,
             socket_timeout=DEFAULT_SOCKET_TIMEOUT,
             health_check_interval=30,
@@ -140,17 +149,14 @@ class Coordinator:
             session's active run (nothing changed).
         """
         validate_session_id(session_id)
-        result = await self.store.reserve(session_id, payload, parent=parent or "", mode="local")
-        if isinstance(result, Reserved):
-            await self.store.index_active(session_id)
-        return result
+        return await self.store.reserve(session_id, payload, parent=parent or "", mode="local")
 
     async def execute(
         self,
         session_id: str,
         payload: Any = None,
-        *,
         delay: float | None = None,
+        *,
         at: datetime | None = None,
         parent: str | None = None,
     ) -> ReserveResult:
@@ -177,17 +183,20 @@ class Coordinator:
 
     # ---- the owner's primitives -------------------------------------------------------------
 
-    async def claim(self, session_id: str, run_id: str, worker: str) -> RunHandle:
+    async def claim(
+        self, session_id: str, run_id: str, worker: str, *, ack: str | None = None
+    ) -> RunHandle:
         """Take a pending run (pending -> running) and return the writer of its events.
 
-        The first event of the run, ``execution_started``, is written by the claim. The run's
+        The first event of the run, ``execution_started``, is written by the claim; ``ack``
+        names the queue entry to acknowledge in the same round trip (workers). The run's
         cancel token is served by this process's cancel watcher until the run ends.
 
         Raises:
             RunCancelled: the run was cancelled before it started.
             RunSuperseded: the session holds another run, or the run is not pending.
         """
-        claimed = await self.store.claim(session_id, run_id, worker)
+        claimed = await self.store.claim(session_id, run_id, worker, ack=ack)
         token = self.cancel_watcher.watch(session_id, run_id)
         return RunHandle(self.store, claimed, token)
 
@@ -216,11 +225,16 @@ class Coordinator:
             return False
         await self.store.after_cancel(session_id, outcome.run_id, outcome.previous_status)
         for child in outcome.children:
-            await self._cancel(
-                child,
-                f"parent {session_id!r} was cancelled",
-                parent=f"{session_id} {outcome.run_id}",
-            )
+            try:
+                await self._cancel(
+                    child,
+                    f"parent {session_id!r} was cancelled",
+                    parent=f"{session_id} {outcome.run_id}",
+                )
+            except RedisUnavailable:
+                raise
+            except (RunstateError, ValueError) as exc:  # junk in the children set or its keys
+                log.warning("cancel of %r: cannot cancel its child %r: %s", session_id, child, exc)
         return True
 
     async def runner(self, session_id: str) -> RunnerState | None:

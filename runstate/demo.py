@@ -81,8 +81,10 @@ async def watch(coord: Coordinator, session: str, name: str, out: TextIO) -> int
     return count
 
 
-async def run_local_demo(url: str, out: TextIO = sys.stdout, delay: float = 0.05) -> None:
-    async with Coordinator.from_url(url, prefix="runstate-demo") as coord:
+async def run_local_demo(
+    url: str, prefix: str = "runstate", out: TextIO = sys.stdout, delay: float = 0.05
+) -> None:
+    async with Coordinator.from_url(url, prefix=prefix) as coord:
         print(f"Redis at {url}\n", file=out)
 
         print("1. reserve session 'chat-1' and run an agent in this process", file=out)
@@ -126,7 +128,7 @@ async def run_local_demo(url: str, out: TextIO = sys.stdout, delay: float = 0.05
             )
         print(
             f"\n   every key is plain Redis: redis-cli -u {url} "
-            "HGETALL 'runstate-demo:{chat-1}:runner'\n"
+            f"HGETALL '{coord.keys.runner('chat-1')}'\n"
             "   (the embedded server stops with the demo; set RUNSTATE_REDIS_URL to keep them)",
             file=out,
         )
@@ -152,10 +154,9 @@ WORKER_ARGS = [
     "WARNING",
 ]
 SESSIONS = [f"research-{n}" for n in range(1, 6)]
-DEMO_PREFIX = "runstate-demo"
 
 
-def start_worker(url: str, worker_id: str) -> subprocess.Popen[bytes]:
+def start_worker(url: str, prefix: str, worker_id: str) -> subprocess.Popen[bytes]:
     """A real worker process, as ``python -m workers`` starts it."""
     return subprocess.Popen(
         [
@@ -166,7 +167,7 @@ def start_worker(url: str, worker_id: str) -> subprocess.Popen[bytes]:
             "--redis-url",
             url,
             "--prefix",
-            DEMO_PREFIX,
+            prefix,
             "--worker-id",
             worker_id,
         ],
@@ -202,12 +203,12 @@ async def wait_until(check: Callable[[], Awaitable[bool]], limit: float) -> bool
     return False
 
 
-async def run_worker_demo(url: str, out: TextIO = sys.stdout) -> int:
+async def run_worker_demo(url: str, prefix: str = "runstate", out: TextIO = sys.stdout) -> int:
     """2 worker processes, 5 runs at once, one streamed live, one cancelled, one worker killed."""
     print(f"Redis at {url}; starting 2 worker processes (python -m workers ...)", file=out)
-    procs = {wid: start_worker(url, wid) for wid in ("demo-w1", "demo-w2")}
+    procs = {wid: start_worker(url, prefix, wid) for wid in ("demo-w1", "demo-w2")}
     try:
-        async with Coordinator.from_url(url, prefix=DEMO_PREFIX) as coord:
+        async with Coordinator.from_url(url, prefix=prefix) as coord:
             queue = Queue(coord.store)
 
             async def both_alive() -> bool:
@@ -229,6 +230,11 @@ async def run_worker_demo(url: str, out: TextIO = sys.stdout) -> int:
                 f"\n2. cancel {SESSIONS[1]} mid-run -> {await coord.cancel(SESSIONS[1])}", file=out
             )
 
+            async def victim_running() -> bool:
+                state = await coord.runner(SESSIONS[2])
+                return state is not None and state.status == "running"
+
+            await wait_until(victim_running, 20)
             victim = await coord.runner(SESSIONS[2])
             assert victim is not None and victim.worker in procs
             print(

@@ -11,6 +11,9 @@ Example::
     with EmbeddedServer() as srv:
         client = redis.Redis.from_url(srv.url)
         client.ping()
+
+With ``tls=TLSFiles(...)`` the server listens for TLS only and :attr:`EmbeddedServer.url` is a
+``rediss://`` URL (the binary must be built with TLS, as Debian's ``redis-server`` is).
 """
 
 from __future__ import annotations
@@ -23,15 +26,19 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
 __all__ = [
     "EmbeddedServer",
+    "TLSFiles",
     "find_server_binary",
     "redis_url_or_embedded",
 ]
@@ -111,16 +118,33 @@ def _read_line(sock: socket.socket, buf: bytearray) -> bytes:
     return line
 
 
-def _ready_pid(port: int) -> int | None:
+@dataclass(frozen=True, slots=True)
+class TLSFiles:
+    """The PEM files of a TLS-only :class:`EmbeddedServer` (clients need no certificate)."""
+
+    cert_file: str
+    key_file: str
+    ca_cert_file: str
+
+
+def _ready_pid(port: int, tls: bool = False) -> int | None:
     """Return the ``process_id`` of a ready server on ``port``, else ``None``.
 
     Sends inline ``PING`` (a server still loading its dataset answers
     ``-LOADING``, which counts as not ready), then ``INFO server`` to learn
     which process answered, so a different server that happens to own the
-    port is never mistaken for ours.
+    port is never mistaken for ours. With ``tls``, over TLS.
     """
     try:
-        with socket.create_connection((_HOST, port), timeout=0.5) as sock:
+        with contextlib.ExitStack() as stack:
+            sock = stack.enter_context(socket.create_connection((_HOST, port), timeout=0.5))
+            if tls:
+                # Only a readiness probe of the process we started (its pid is checked below),
+                # so the certificate is not verified here; clients verify it.
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+                sock = stack.enter_context(context.wrap_socket(sock))
             buf = bytearray()
             sock.sendall(b"PING\r\n")
             if not _read_line(sock, buf).startswith(b"+PONG"):
@@ -175,6 +199,7 @@ class EmbeddedServer:
             :meth:`kill` + :meth:`restart`.
         extra_args: Extra command-line arguments passed to the server, e.g.
             ``["--appendfsync", "always"]``.
+        tls: Listen for TLS only, with these files (``--port 0 --tls-port PORT``).
     """
 
     def __init__(
@@ -184,8 +209,10 @@ class EmbeddedServer:
         port: int | None = None,
         appendonly: bool = False,
         extra_args: Sequence[str] = (),
+        tls: TLSFiles | None = None,
     ) -> None:
         self._binary = binary
+        self._tls = tls
         self._requested_port = port
         self._appendonly = appendonly
         self._extra_args = tuple(extra_args)
@@ -205,7 +232,13 @@ class EmbeddedServer:
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:PORT/0`` for this server."""
+        """``redis://127.0.0.1:PORT/0`` for this server.
+
+        For a TLS server: ``rediss://127.0.0.1:PORT/0?ssl_ca_certs=CA``, trusting its CA.
+        """
+        if self._tls is not None:
+            ca = quote(self._tls.ca_cert_file, safe="")
+            return f"rediss://{_HOST}:{self.port}/0?ssl_ca_certs={ca}"
         return f"redis://{_HOST}:{self.port}/0"
 
     @property
@@ -342,10 +375,25 @@ class EmbeddedServer:
 
     def _command(self, port: int) -> list[str]:
         assert self._binary is not None and self._dir is not None
+        listen = ["--port", str(port)]
+        if self._tls is not None:
+            listen = [
+                "--port",
+                "0",
+                "--tls-port",
+                str(port),
+                "--tls-cert-file",
+                self._tls.cert_file,
+                "--tls-key-file",
+                self._tls.key_file,
+                "--tls-ca-cert-file",
+                self._tls.ca_cert_file,
+                "--tls-auth-clients",
+                "no",
+            ]
         return [
             self._binary,
-            "--port",
-            str(port),
+            *listen,
             "--bind",
             _HOST,
             "--protected-mode",
@@ -392,7 +440,7 @@ class EmbeddedServer:
             if proc.poll() is not None:
                 reason = f"exited with code {proc.returncode}"
                 break
-            if _ready_pid(port) == proc.pid:
+            if _ready_pid(port, self._tls is not None) == proc.pid:
                 return
             if time.monotonic() >= deadline:
                 reason = f"did not answer PING within {_START_TIMEOUT:.0f}s"

@@ -10,6 +10,7 @@
     │   ├── UnknownEventType   an event whose type no model is registered for
     │   └── EventTooLarge      an event (or payload) over the size limit
     └── RedisUnavailable       Redis did not answer through every retry
+        └── RedisAccessDenied  Redis refused the credentials, or its ACL refused a command or key
 
 Bad arguments (a malformed session id, a negative delay) raise plain ``ValueError`` /
 ``TypeError`` whose message names the offending value.
@@ -77,3 +78,11 @@ class EventTooLarge(EventError):
 
 class RedisUnavailable(RunstateError):
     """Redis stayed unreachable through every retry; the operation was not (fully) applied."""
+
+
+class RedisAccessDenied(RedisUnavailable):
+    """Redis refused the credentials (wrong user or password) or an ACL refused a command or key.
+
+    Raised at once, never retried: trying again cannot help. The message names the operation
+    and carries Redis's own (which names the refused command).
+    """

@@ -32,7 +32,8 @@ Routes (bodies are JSON; every error is ``{"error": "<message>"}``):
 
 Status codes: 400 bad session id, bad JSON, bad ``Last-Event-ID`` / ``follow`` /
 ``Idempotency-Key``; 413 a body over the payload limit (the Coordinator's ``max_event_bytes``);
-503 Redis unavailable; 500 anything else (logged, not echoed).
+503 Redis unavailable (or refusing access); 500 runstate's own errors (e.g. junk found in a
+session's keys, naming it), and anything else (logged, not echoed).
 """
 
 from __future__ import annotations
@@ -522,6 +523,11 @@ async def _on_unavailable(request: Request, exc: Exception) -> Response:
     return _error(503, str(exc))
 
 
+async def _on_runstate_error(request: Request, exc: Exception) -> Response:
+    # runstate's own errors are written for users (e.g. junk in a session's keys, naming it).
+    return _error(500, str(exc))
+
+
 async def _on_connection_error(request: Request, exc: Exception) -> Response:
     return _error(503, f"Redis is unavailable: {exc}")
 
@@ -576,6 +582,7 @@ def create_app(
         _HTTPError: _on_http_error,
         HTTPException: _on_starlette_error,
         RedisUnavailable: _on_unavailable,
+        RunstateError: _on_runstate_error,
         rexc.ConnectionError: _on_connection_error,
         rexc.TimeoutError: _on_connection_error,
         Exception: _on_unexpected,

@@ -8,8 +8,9 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
 
+from .errors import RunstateError
 from .events import AgentEvent, parse_event
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,14 @@ class RunnerState(BaseModel):
     def from_redis(
         cls, session_id: str, fields: dict[str, str], critical: list[str]
     ) -> RunnerState | None:
-        """Build from ``HGETALL`` of the runner hash and ``LRANGE`` of the critical list."""
+        """Build from ``HGETALL`` of the runner hash and ``LRANGE`` of the critical list.
+
+        Unreadable events are skipped with a warning.
+
+        Raises:
+            RunstateError: a field holds a value runstate never writes (junk written by hand),
+                naming the session and the field.
+        """
         if not fields.get("run_id") or not fields.get("status"):
             return None
         events = [e for raw in critical if (e := _event_or_none(raw, "critical event"))]
@@ -109,7 +117,16 @@ class RunnerState(BaseModel):
         data["session_id"] = session_id
         data["last_budget_event"] = _event_or_none(fields.get("last_budget_event"), "budget event")
         data["last_critical_events"] = events
-        return cls.model_validate(data)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            bad = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg']}"
+                for e in exc.errors()
+            )
+            raise RunstateError(
+                f"the runner hash of session {session_id!r} holds what runstate never writes: {bad}"
+            ) from exc
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready dict of the state (events as their JSON objects)."""

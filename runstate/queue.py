@@ -22,10 +22,10 @@ from typing import Any, cast
 from redis import exceptions as rexc
 from redis.commands.core import AsyncScript
 
-from .errors import RunCancelled, RunSuperseded, StaleRunError
+from .errors import RunCancelled, RunstateError, RunSuperseded, StaleRunError
 from .events import Error, dump_event
 from .keys import QUEUE_GROUP, validate_session_id
-from .store import Store, load_lua, utcnow
+from .store import Store, junk_tolerant, load_lua, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class Queue:
                 await self.client.xgroup_create(self.keys.queue, QUEUE_GROUP, id="0", mkstream=True)
             except rexc.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
-                    raise
+                    raise _queue_error(self.keys.queue, exc) from exc
 
         await self.retry.call("create consumer group", go)
 
@@ -216,7 +216,7 @@ class Queue:
             )
         except rexc.ResponseError as exc:
             if "NOGROUP" not in str(exc):
-                raise
+                raise _queue_error(self.keys.queue, exc) from exc
             log.warning("consumer group %r is missing; creating it again", QUEUE_GROUP)
             await self.ensure_group()
             return []
@@ -357,11 +357,31 @@ class Queue:
         return None if score is None else int(score)
 
     async def worker_info(self, worker_ids: Sequence[str]) -> list[dict[str, str]]:
-        """The info hash of each worker (empty once it expired)."""
-        keys = [self.keys.worker(wid) for wid in worker_ids]
-        if not keys:
-            return []
-        return await self._pipeline("read worker info", lambda p: [p.hgetall(k) for k in keys])
+        """The info hash of each worker (empty once it expired, or if it is junk)."""
+        keys: list[str | None] = []
+        for wid in worker_ids:
+            try:
+                keys.append(self.keys.worker(wid))
+            except ValueError as exc:  # a member of the workers index that is no worker id
+                log.warning("no info for %r: %s", wid, exc)
+                keys.append(None)
+
+        async def go() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    if key is not None:
+                        pipe.hgetall(key)
+                return junk_tolerant(await pipe.execute(raise_on_error=False))
+
+        found = iter(await self.retry.call("read worker info", go) if any(keys) else [])
+        infos: list[dict[str, str]] = []
+        for key in keys:
+            info = next(found) if key is not None else {}
+            if isinstance(info, Exception):
+                log.warning("no info for %s: %s", key, info)
+                info = {}
+            infos.append(info)
+        return infos
 
     async def forget_workers(self, dead_before_ms: int) -> list[str]:
         """Drop workers whose deadline passed before ``dead_before_ms`` from the index."""
@@ -493,11 +513,19 @@ class Queue:
         keys = [self.keys.runner(sid) for sid in session_ids]
         if not keys:
             return []
-        raw = await self._pipeline(
-            "probe runs", lambda p: [p.hmget(k, list(RUNNER_FIELDS)) for k in keys]
-        )
+
+        async def go() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hmget(key, list(RUNNER_FIELDS))
+                return junk_tolerant(await pipe.execute(raise_on_error=False))
+
+        raw = await self.retry.call("probe runs", go)
         out: list[RunProbe] = []
         for sid, values in zip(session_ids, raw, strict=True):
+            if isinstance(values, Exception):  # junk: nothing to recover, and not active
+                log.warning("reaper: cannot read the runner of session %r: %s", sid, values)
+                values = [None] * len(RUNNER_FIELDS)
             f = dict(zip(RUNNER_FIELDS, values, strict=True))
             out.append(
                 RunProbe(
@@ -635,6 +663,16 @@ class Queue:
             f"{name} {session_id!r}", lambda: script(keys=keys, args=args)
         )
         return cast(list[Any], result)
+
+
+def _queue_error(queue: str, exc: rexc.ResponseError) -> Exception:
+    """A clear error when the queue key holds junk (another type than a stream)."""
+    if "WRONGTYPE" in str(exc):
+        return RunstateError(
+            f"{queue} holds another type than the stream runstate writes there "
+            f"(junk written by hand?): {exc}"
+        )
+    return exc
 
 
 def _stale(session_id: str, run_id: str, status: str, current: str) -> StaleRunError:

@@ -8,6 +8,7 @@ their sequence numbers, finishes and cancels their run, so a retry never writes 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,12 +20,13 @@ from tenacity import (
     RetryCallState,
     RetryError,
     retry_if_exception_type,
+    retry_if_not_exception_type,
     stop_after_attempt,
     stop_after_delay,
     wait_random_exponential,
 )
 
-from .errors import RedisUnavailable
+from .errors import RedisAccessDenied, RedisUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,13 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     rexc.TryAgainError,
     rexc.ClusterDownError,
 )
+# Subclasses of ConnectionError (or ResponseError) that trying again cannot help: a wrong
+# password, an ACL that refuses a command or key. Raised at once as RedisAccessDenied.
+FINAL_ERRORS: tuple[type[BaseException], ...] = (
+    rexc.AuthenticationError,
+    rexc.AuthorizationError,
+    rexc.NoPermissionError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,23 +52,27 @@ class RetryPolicy:
     """How hard to try before giving up with :class:`RedisUnavailable`.
 
     Args:
-        attempts: the most tries of one operation.
+        attempts: the most tries of one operation. The default is high enough that the
+            deadline is what ends the tries of an operation failing fast (a refused
+            connection while Redis restarts), so a restart or failover shorter than the
+            deadline does not fail the operation.
         deadline: the most seconds spent on one operation, all tries together.
         initial: the first backoff in seconds (doubled each time, with jitter).
         max_wait: the longest single backoff in seconds.
     """
 
-    attempts: int = 8
+    attempts: int = 30
     deadline: float = 20.0
     initial: float = 0.05
     max_wait: float = 2.0
 
-    def retrying(self) -> AsyncRetrying:
+    def retrying(self, attempts: int | None = None, what: str = "") -> AsyncRetrying:
         return AsyncRetrying(
-            retry=retry_if_exception_type(TRANSIENT_ERRORS),
-            stop=stop_after_attempt(self.attempts) | stop_after_delay(self.deadline),
+            retry=retry_if_exception_type(TRANSIENT_ERRORS)
+            & retry_if_not_exception_type(FINAL_ERRORS),
+            stop=stop_after_attempt(attempts or self.attempts) | stop_after_delay(self.deadline),
             wait=wait_random_exponential(multiplier=self.initial, max=self.max_wait),
-            before_sleep=_log_retry,
+            before_sleep=functools.partial(_log_retry, what),
         )
 
     async def call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
@@ -67,24 +80,67 @@ class RetryPolicy:
 
         Raises:
             RedisUnavailable: every try failed with a transient error.
+            RedisAccessDenied: Redis refused the credentials or the ACL refused the command
+                (at once, without retrying).
         """
+        # The first try goes straight through: building tenacity's machinery for every command
+        # would cost more than the command itself on a healthy connection.
         try:
-            async for attempt in self.retrying():
+            return await fn()
+        except FINAL_ERRORS as exc:
+            raise access_denied(what, exc) from exc
+        except TRANSIENT_ERRORS as exc:
+            if self.attempts <= 1:
+                raise RedisUnavailable(f"{what}: Redis did not answer: {describe(exc)}") from exc
+            log.warning("%s: redis error, retrying (try 1): %s", what, describe(exc))
+            first = exc
+        await asyncio.sleep(self.initial)
+        try:
+            async for attempt in self.retrying(self.attempts - 1, what):
                 with attempt:
                     return await fn()
+        except FINAL_ERRORS as exc:
+            raise access_denied(what, exc) from exc
         except RetryError as exc:
-            last = exc.last_attempt.exception()
-            tries = exc.last_attempt.attempt_number
+            last = exc.last_attempt.exception() or first
+            tries = exc.last_attempt.attempt_number + 1
             raise RedisUnavailable(
                 f"{what}: Redis did not answer after {tries} tries "
-                f"(gave up after at most {self.deadline:g}s): {last!r}"
+                f"(gave up after at most {self.deadline:g}s): {describe(last)}"
             ) from last
         raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _log_retry(state: RetryCallState) -> None:
+def access_denied(what: str, exc: BaseException) -> RedisAccessDenied:
+    """The clear error for a refused login or an ACL refusal of ``what``."""
+    if isinstance(exc, rexc.NoPermissionError):
+        return RedisAccessDenied(
+            f"{what}: Redis refused it (NOPERM {exc}); the Redis user's ACL must allow "
+            "runstate's keys (~<prefix>:*), its channel (&<prefix>:*) and its commands "
+            "(see the README's Security section)"
+        )
+    return RedisAccessDenied(
+        f"{what}: Redis authentication failed ({exc}); check the user name and password "
+        "in the Redis URL"
+    )
+
+
+def _log_retry(what: str, state: RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
-    log.warning("redis error, retrying (try %d): %r", state.attempt_number, exc)
+    log.warning(
+        "%s: redis error, retrying (try %d): %s", what, state.attempt_number + 1, describe(exc)
+    )
+
+
+def describe(exc: BaseException | None) -> str:
+    """``"TimeoutError: Timeout reading from host:port"``: the error's class and message.
+
+    redis-py's own ``repr`` (``network:TimeoutError``) leaves the message out.
+    """
+    if exc is None:
+        return "no error"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 NO_RETRY = RetryPolicy(attempts=1, deadline=0.0)

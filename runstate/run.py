@@ -13,7 +13,12 @@ from .retry import TRANSIENT_ERRORS
 from .store import Claimed, EncodedEvent, Store
 
 # A write that failed with one of these may or may not have been applied.
-UNKNOWN_OUTCOME: tuple[type[BaseException], ...] = (RedisUnavailable, *TRANSIENT_ERRORS)
+# (Cancelled too: a write cancelled in flight may or may not have reached Redis.)
+UNKNOWN_OUTCOME: tuple[type[BaseException], ...] = (
+    RedisUnavailable,
+    asyncio.CancelledError,
+    *TRANSIENT_ERRORS,
+)
 
 
 class RunHandle:
@@ -26,9 +31,24 @@ class RunHandle:
     If a write fails because Redis stayed unreachable, its events are kept and written ahead of
     the next write (never twice: the script skips sequence numbers it has already stored), so
     do not emit them again.
+
+    For token streaming, :meth:`stream` queues events and writes them in batches: one round
+    trip per ``batch_size`` events, or ``batch_delay`` seconds after the first one queued.
     """
 
-    def __init__(self, store: Store, claimed: Claimed, token: CancelToken) -> None:
+    def __init__(
+        self,
+        store: Store,
+        claimed: Claimed,
+        token: CancelToken,
+        *,
+        batch_size: int = 64,
+        batch_delay: float = 0.005,
+    ) -> None:
+        if batch_size < 1 or batch_delay < 0:
+            raise ValueError(
+                f"batch_size must be >= 1 and batch_delay >= 0, got {batch_size!r}, {batch_delay!r}"
+            )
         self._store = store
         self.session_id = claimed.session_id
         self.run_id = claimed.run_id
@@ -38,7 +58,12 @@ class RunHandle:
         self.token = token
         self._seq = claimed.seq  # the last sequence number known written
         self._unsent: list[EncodedEvent] = []  # events of a write whose outcome is unknown
+        self._queued: list[EncodedEvent] = []  # stream()ed events not yet written
         self._lock = asyncio.Lock()
+        self._timer: asyncio.Task[None] | None = None
+        self._flush_error: BaseException | None = None
+        self.batch_size = batch_size
+        self.batch_delay = batch_delay
         self.ended = False
 
     @property
@@ -53,6 +78,7 @@ class RunHandle:
     async def checkpoint(self) -> None:
         """The safe point: raise :class:`RunCancelled` if this run was cancelled."""
         await asyncio.sleep(0)
+        self._raise_flush_error()
         if self.token.cancel_called:
             raise RunCancelled(self.session_id, self.run_id, self.token.reason or "cancelled")
 
@@ -72,12 +98,56 @@ class RunHandle:
                 of the next write.
         """
         batch = self._store.encode([coerce_event(e) for e in events])
+        self._raise_flush_error()
         async with self._lock:
             ids = await self._write(batch)
             return ids[len(ids) - len(batch) :]
 
+    async def stream(self, event: AgentEvent | JSONObject) -> None:
+        """Queue an event for a batched write: the way to send tokens.
+
+        Queued events are written in order, in one round trip, as soon as ``batch_size`` are
+        queued or ``batch_delay`` seconds after the first; :meth:`emit`, :meth:`flush`,
+        :meth:`complete` and :meth:`fail` write them first. The event is validated now; a write
+        that fails later is raised by the next call to this handle (a refused write also
+        cancels the token, so the next checkpoint stops the run).
+        """
+        encoded = self._store.encode([coerce_event(event)])
+        self._raise_flush_error()
+        self._queued.extend(encoded)
+        if len(self._queued) >= self.batch_size:
+            await self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().create_task(self._flush_later())
+
+    async def flush(self) -> list[str]:
+        """Write the queued events now; returns their stream ids."""
+        async with self._lock:
+            return await self._write([])
+
+    async def _flush_later(self) -> None:
+        try:
+            await asyncio.sleep(self.batch_delay)
+            self._timer = None
+            await self.flush()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # raised to the agent by its next call
+            self._flush_error = exc
+
+    def _raise_flush_error(self) -> None:
+        if self._flush_error is not None:
+            exc, self._flush_error = self._flush_error, None
+            raise exc
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     async def _write(self, batch: list[EncodedEvent]) -> list[str]:
-        pending = self._unsent + batch
+        pending = self._unsent + self._queued + batch
+        self._queued = []
         if not pending:
             return []
         try:
@@ -104,9 +174,10 @@ class RunHandle:
         await self._finish(Error(message=message), message)
 
     async def _finish(self, event: AgentEvent, error: str | None) -> None:
+        self._stop_timer()
         async with self._lock:
-            if self._unsent:
-                await self._write([])  # settle a failed write first: the terminal event is last
+            if self._unsent or self._queued:
+                await self._write([])  # queued and failed writes first: the terminal event last
             try:
                 await self._store.finish(self.session_id, self.run_id, self.attempt, event, error)
             except StaleRunError as exc:
@@ -117,4 +188,6 @@ class RunHandle:
 
     def _refused(self, exc: StaleRunError) -> None:
         self.ended = True
+        self._stop_timer()
+        self._queued = []
         self.token.cancel("cancelled" if isinstance(exc, RunCancelled) else f"superseded: {exc}")

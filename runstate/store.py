@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -22,7 +22,7 @@ from redis.commands.core import AsyncScript
 
 from .errors import EventTooLarge, RunCancelled, RunstateError, RunSuperseded, StaleRunError
 from .events import DEFAULT_MAX_EVENT_BYTES, AgentEvent, StreamEvent, dump_event, parse_event
-from .keys import Keys
+from .keys import QUEUE_GROUP, Keys, validate_session_id
 from .models import AlreadyRunning, Reserved, ReserveResult, RunnerState
 from .retry import RetryPolicy
 
@@ -45,6 +45,9 @@ def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+_MAX_ID_PART = 2**64 - 1  # each half of a Redis stream id is an unsigned 64-bit number
+
+
 def parse_stream_id(value: str) -> tuple[int, int]:
     """``"<ms>-<n>"`` (or ``"<ms>"``) as a tuple that orders like Redis orders stream ids.
 
@@ -52,13 +55,14 @@ def parse_stream_id(value: str) -> tuple[int, int]:
         ValueError: not a stream id.
     """
     ms, sep, n = value.partition("-")
-    try:
+    # ASCII digits only: int() would also take "+1", "1_000", " 1" or other scripts' digits.
+    if ms.isascii() and ms.isdigit() and (not sep or (n.isascii() and n.isdigit())):
         out = (int(ms), int(n) if sep else 0)
-    except ValueError:
-        raise ValueError(f"invalid stream id {value!r}: expected '<ms>-<n>', e.g. '0-0'") from None
-    if out[0] < 0 or out[1] < 0:
-        raise ValueError(f"invalid stream id {value!r}: expected '<ms>-<n>', e.g. '0-0'")
-    return out
+        if out[0] <= _MAX_ID_PART and out[1] <= _MAX_ID_PART:
+            return out
+    raise ValueError(
+        f"invalid stream id {value!r}: expected '<ms>-<n>' (two numbers below 2**64), e.g. '0-0'"
+    )
 
 
 def decode_entry(entry_id: str, fields: dict[str, str], where: str = "") -> StreamEvent | None:
@@ -160,13 +164,22 @@ class Store:
         self.max_event_bytes = max_event_bytes
         self.cancel_marker_ttl = cancel_marker_ttl or max(retention, 3600)
         self.retry = retry or RetryPolicy()
+        self._key_cache: dict[str, list[str]] = {}
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(load_lua(name)) for name in SCRIPTS
         }
 
+    def _session_keys(self, session_id: str) -> list[str]:
+        keys = self._key_cache.get(session_id)
+        if keys is None:
+            if len(self._key_cache) > 10_000:
+                self._key_cache.clear()
+            keys = self._key_cache[session_id] = self.keys.session_keys(session_id)
+        return keys
+
     async def _script(self, name: str, session_id: str, args: Sequence[Any]) -> list[Any]:
         script = self._scripts[name]
-        keys = self.keys.session_keys(session_id)
+        keys = self._session_keys(session_id)
         try:
             result = await self.retry.call(
                 f"{name} {session_id!r}", lambda: script(keys=keys, args=list(args))
@@ -174,6 +187,38 @@ class Store:
         except rexc.ResponseError as exc:
             raise _wrong_type(exc, session_id, name) from exc
         return cast(list[Any], result)
+
+    async def _script_and(
+        self, name: str, session_id: str, args: Sequence[Any], more: Callable[[Any], None]
+    ) -> list[Any]:
+        """Run a session script and the commands ``more`` adds, in one round trip.
+
+        The script goes as a plain EVALSHA (redis-py's Script in a pipeline would ask
+        SCRIPT EXISTS first, every time); on NOSCRIPT it is loaded and the whole pipeline is
+        sent again, which is safe because every caller's commands are idempotent.
+        """
+        script = self._scripts[name]
+        keys = self._session_keys(session_id)
+
+        async def go() -> list[Any]:
+            for _ in range(2):
+                async with self.client.pipeline(transaction=False) as pipe:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    more(pipe)
+                    results = await pipe.execute(raise_on_error=False)
+                if isinstance(results[0], rexc.NoScriptError):
+                    await self.client.script_load(script.script)
+                    continue
+                for result in results:
+                    if isinstance(result, Exception):
+                        raise result
+                return results
+            raise rexc.NoScriptError(f"script {name!r} could not be loaded")
+
+        try:
+            return await self.retry.call(f"{name} {session_id!r}", go)
+        except rexc.ResponseError as exc:
+            raise _wrong_type(exc, session_id, name) from exc
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -186,13 +231,25 @@ class Store:
         due_ms: int | None = None,
         mode: str = "queue",
     ) -> ReserveResult:
+        """Reserve the session for a new run and index it as active: one round trip.
+
+        The reserve script and ``ZADD NX`` of the active index go together (when the
+        reservation loses, the session is active already, so the NX add changes nothing).
+        Dispatching a won 'queue' reservation is the caller's next step (:meth:`dispatch`);
+        a run left pending by a crash in between is in the index, where the reaper finds it.
+        """
         data = self.encode_payload(payload)
         run_id = uuid.uuid4().hex
         due = "" if due_ms is None else due_ms
-        res = await self._script("reserve", session_id, [run_id, utcnow(), data, parent, due, mode])
-        if res[0] == "reserved":
-            return Reserved(session_id=session_id, run_id=res[1])
-        return AlreadyRunning(session_id=session_id, run_id=res[1])
+
+        def index(pipe: Any) -> None:
+            pipe.zadd(self.keys.active, {session_id: _now_ms()}, nx=True)
+
+        args = [run_id, utcnow(), data, parent, due, mode]
+        res = (await self._script_and("reserve", session_id, args, index))[0]
+        if res[0] != "reserved":
+            return AlreadyRunning(session_id=session_id, run_id=res[1])
+        return Reserved(session_id=session_id, run_id=res[1])
 
     def encode_payload(self, payload: Any) -> str:
         if payload is None:
@@ -210,33 +267,54 @@ class Store:
         return data
 
     async def dispatch(self, session_id: str, run_id: str, due_ms: int | None = None) -> None:
-        """Index the reserved run as active and hand it to workers, now or when due."""
-        member = f"{session_id} {run_id}"
+        """Hand a reserved run to the workers, now or when due, and index it as active.
+
+        Idempotent enough to repeat: a second queue entry only costs a refused claim.
+        """
 
         async def go() -> None:
             async with self.client.pipeline(transaction=False) as pipe:
-                pipe.zadd(self.keys.active, {session_id: _now_ms()})
+                pipe.zadd(self.keys.active, {session_id: _now_ms()}, nx=True)
                 if due_ms is None:
                     pipe.xadd(self.keys.queue, {"session": session_id, "run": run_id})
                 else:
-                    pipe.zadd(self.keys.schedule, {member: due_ms})
+                    pipe.zadd(self.keys.schedule, {f"{session_id} {run_id}": due_ms})
                 await pipe.execute()
 
-        await self.retry.call(f"dispatch {session_id!r}", go)
+        try:
+            await self.retry.call(f"dispatch {session_id!r}", go)
+        except rexc.ResponseError as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise
+            raise RunstateError(
+                f"dispatch of session {session_id!r} failed: {self.keys.queue}, "
+                f"{self.keys.active} or {self.keys.schedule} holds another type than runstate "
+                f"writes there (junk written by hand?): {exc}"
+            ) from exc
 
-    async def index_active(self, session_id: str) -> None:
-        await self.retry.call(
-            "index active", lambda: self.client.zadd(self.keys.active, {session_id: _now_ms()})
-        )
-
-    async def claim(self, session_id: str, run_id: str, worker: str) -> Claimed:
+    async def claim(
+        self, session_id: str, run_id: str, worker: str, *, ack: str | None = None
+    ) -> Claimed:
         """pending -> running for ``worker``; writes execution_started.
+
+        Args:
+            ack: the id of the queue entry that dispatched the run, acknowledged and deleted in
+                the same round trip (whatever the claim's answer: the entry is consumed).
 
         Raises:
             RunCancelled: the run was cancelled before it started.
             RunSuperseded: the session holds another run, or this one is not pending.
         """
-        res = await self._script("claim", session_id, [run_id, worker, utcnow(), self.maxlen])
+        args = [run_id, worker, utcnow(), self.maxlen]
+        if ack is None:
+            res = await self._script("claim", session_id, args)
+        else:
+            queue, entry = self.keys.queue, ack
+
+            def consume(pipe: Any) -> None:
+                pipe.xack(queue, QUEUE_GROUP, entry).xdel(queue, entry)
+
+            res = (await self._script_and("claim", session_id, args, consume))[0]
         if res[0] != "ok":
             raise self._stale(session_id, run_id, res[1], res[2])
         payload = json.loads(res[3]) if res[3] else None
@@ -373,18 +451,36 @@ class Store:
     async def after_cancel(self, session_id: str, run_id: str, was: str) -> None:
         """The global side of a cancel: nudge the worker, drop the run from the indexes."""
 
-        async def go() -> None:
+        def more(pipe: Any) -> None:
+            if was == "running":
+                pipe.publish(self.keys.cancel_channel, f"{session_id} {run_id}")
+            pipe.zrem(self.keys.schedule, f"{session_id} {run_id}")
+
+        await self.unindex(session_id, more)
+
+    async def unindex(self, session_id: str, more: Callable[[Any], None] | None = None) -> None:
+        """Drop a session whose run ended from the active index, unless a new run began.
+
+        The status is read in the same round trip as the removal: a run reserved in between
+        (a client starting the next run right after the last one's terminal event) is put
+        back at once, so the index never loses an active run.
+        """
+        runner = self.keys.runner(session_id)
+
+        async def go() -> list[Any]:
             async with self.client.pipeline(transaction=False) as pipe:
-                if was == "running":
-                    pipe.publish(self.keys.cancel_channel, f"{session_id} {run_id}")
+                if more is not None:
+                    more(pipe)
                 pipe.zrem(self.keys.active, session_id)
-                pipe.zrem(self.keys.schedule, f"{session_id} {run_id}")
-                await pipe.execute()
+                pipe.hget(runner, "status")
+                return await pipe.execute()
 
-        await self.retry.call(f"cancel {session_id!r}", go)
-
-    async def unindex(self, session_id: str) -> None:
-        await self.retry.call("unindex", lambda: self.client.zrem(self.keys.active, session_id))
+        results = await self.retry.call(f"unindex {session_id!r}", go)
+        if results[-1] in ("pending", "running"):
+            await self.retry.call(
+                f"index {session_id!r}",
+                lambda: self.client.zadd(self.keys.active, {session_id: _now_ms()}, nx=True),
+            )
 
     def _stale(self, session_id: str, run_id: str, status: str, current: str) -> StaleRunError:
         if status == "cancelled" and current == run_id:
@@ -418,31 +514,57 @@ class Store:
                 pipe.lrange(self.keys.critical(session_id), 0, -1)
                 return await pipe.execute()
 
-        fields, critical = await self.retry.call(f"runner {session_id!r}", go)
+        try:
+            fields, critical = await self.retry.call(f"runner {session_id!r}", go)
+        except rexc.ResponseError as exc:
+            raise _wrong_type(exc, session_id, "runner") from exc
+        except UnicodeDecodeError as exc:
+            raise _not_text(exc, session_id, "runner") from exc
         return RunnerState.from_redis(session_id, fields, critical)
 
     async def runners(self, session_ids: Sequence[str]) -> list[RunnerState]:
+        """The runs of ``session_ids`` that have one. A session whose keys hold junk is skipped
+        with a warning: it never hides the others."""
+
         async def go() -> list[Any]:
             async with self.client.pipeline(transaction=False) as pipe:
                 for sid in session_ids:
                     pipe.hgetall(self.keys.runner(sid))
                     pipe.lrange(self.keys.critical(sid), 0, -1)
-                return await pipe.execute()
+                return junk_tolerant(await pipe.execute(raise_on_error=False))
 
         if not session_ids:
             return []
         raw = await self.retry.call("runners", go)
-        states = (
-            RunnerState.from_redis(sid, raw[2 * i], raw[2 * i + 1])
-            for i, sid in enumerate(session_ids)
-        )
-        return [s for s in states if s is not None]
+        states: list[RunnerState] = []
+        for i, sid in enumerate(session_ids):
+            fields, critical = raw[2 * i], raw[2 * i + 1]
+            try:
+                for value in (fields, critical):
+                    if isinstance(value, rexc.ResponseError):
+                        raise _wrong_type(value, sid, "runner")
+                state = RunnerState.from_redis(sid, fields, critical)
+            except RunstateError as exc:
+                log.warning("skipping session %r: %s", sid, exc)
+                continue
+            if state is not None:
+                states.append(state)
+        return states
 
     async def active_sessions(self) -> list[str]:
-        return cast(
+        """The sessions of the ``active`` index (members that are no session id are skipped
+        with a warning)."""
+        members = cast(
             list[str],
             await self.retry.call("active", lambda: self.client.zrange(self.keys.active, 0, -1)),
         )
+        sessions: list[str] = []
+        for member in members:
+            try:
+                sessions.append(validate_session_id(member))
+            except (TypeError, ValueError) as exc:
+                log.warning("skipping a member of %s that is no session: %s", self.keys.active, exc)
+        return sessions
 
     async def read_range(
         self, session_id: str, after: str, count: int, before: str = "+"
@@ -459,18 +581,27 @@ class Store:
             )
         except rexc.ResponseError as exc:
             raise _wrong_type(exc, session_id, "read events") from exc
+        except UnicodeDecodeError as exc:
+            raise _not_text(exc, session_id, "read events") from exc
         return [(eid, decode_entry(eid, fields, session_id)) for eid, fields in raw]
 
     async def cancel_markers(self, session_ids: Sequence[str]) -> list[str | None]:
+        """The cancel marker of each session (None if none, or junk: skipped with a warning)."""
+
         async def go() -> list[Any]:
             async with self.client.pipeline(transaction=False) as pipe:
                 for sid in session_ids:
                     pipe.get(self.keys.cancel(sid))
-                return await pipe.execute()
+                return junk_tolerant(await pipe.execute(raise_on_error=False))
 
         if not session_ids:
             return []
-        return await self.retry.call("cancel markers", go)
+        markers = await self.retry.call("cancel markers", go)
+        for i, (sid, marker) in enumerate(zip(session_ids, markers, strict=True)):
+            if isinstance(marker, Exception):
+                log.warning("ignoring the cancel marker of session %r: %s", sid, marker)
+                markers[i] = None
+        return markers
 
     async def ttls(self, session_id: str) -> dict[str, int]:
         """Seconds to live of each per-session key (-1 none, -2 missing): for tests and ops."""
@@ -492,6 +623,24 @@ def _wrong_type(exc: rexc.ResponseError, session_id: str, what: str) -> Exceptio
             f"{exc}"
         )
     return exc
+
+
+def _not_text(exc: UnicodeDecodeError, session_id: str, what: str) -> RunstateError:
+    """A clear error for bytes that are not UTF-8 in a session's keys, read by a client that
+    decodes strictly (:meth:`Coordinator.from_url` replaces them instead)."""
+    return RunstateError(
+        f"{what} of session {session_id!r} failed: its keys hold bytes that are not UTF-8 text "
+        f"(junk written by hand?): {exc}"
+    )
+
+
+def junk_tolerant(results: list[Any]) -> list[Any]:
+    """The results of a pipeline run with ``raise_on_error=False``: WRONGTYPE errors (a key
+    holding junk) are left in place for the caller to skip; any other error is raised."""
+    for result in results:
+        if isinstance(result, Exception) and "WRONGTYPE" not in str(result):
+            raise result
+    return results
 
 
 def _parse_or_warn(raw: str, session_id: str) -> AgentEvent | None:

@@ -26,7 +26,7 @@ from redis import exceptions as rexc
 from .errors import RunstateError
 from .events import Gap, StreamEvent
 from .keys import validate_session_id
-from .retry import TRANSIENT_ERRORS, cancel_and_wait
+from .retry import TRANSIENT_ERRORS, cancel_and_wait, describe
 from .store import Snapshot, Store, decode_entry, parse_stream_id
 
 log = logging.getLogger(__name__)
@@ -241,12 +241,17 @@ class Hub:
                 continue
             gen = self._gen
             keys = self._store.keys
-            streams = {keys.events(sid): w.cursor for sid, w in self._watches.items()}
+            reading = dict(self._watches)  # the watches this read is for, at their cursors
+            streams = {keys.events(sid): w.cursor for sid, w in reading.items()}
             try:
                 if self._conn is None:
                     self._conn = self._store.client.client()
                 if self._reader_id is None and self._unblock_works:
-                    self._reader_id = await self._conn.client_id()
+                    try:
+                        self._reader_id = await self._conn.client_id()
+                    except rexc.ResponseError as exc:  # e.g. an ACL user without CLIENT ID
+                        log.debug("CLIENT ID refused (%s); cancelling reads instead", exc)
+                        self._unblock_works = False
                 self._reading_gen = gen
                 if self._gen != gen:  # the set changed while we were getting ready
                     continue
@@ -270,24 +275,26 @@ class Hub:
                     continue
                 raise
             except TRANSIENT_ERRORS as exc:
-                log.warning("event reader lost Redis (%r); retrying in %.2fs", exc, wait)
+                log.warning("event reader lost Redis (%s); retrying in %.2fs", describe(exc), wait)
                 self._reader_id = None
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, 2.0)
                 continue
-            except rexc.ResponseError as exc:
+            except (rexc.ResponseError, UnicodeDecodeError) as exc:  # junk written by hand
                 await self._drop_broken_streams(exc)
                 continue
             wait = 0.05
-            self._dispatch(result)
+            self._dispatch(result, reading)
 
-    def _dispatch(self, result: Any) -> None:
+    def _dispatch(self, result: Any, reading: dict[str, _Watch]) -> None:
         items = result.items() if isinstance(result, dict) else result or []
         keys = self._store.keys
         for key, entries in items:
             sid = keys.session_of(key)
             watch = self._watches.get(sid) if sid else None
-            if watch is None or not entries:
+            # Only to the watch this read was for: a watch dropped and made anew meanwhile
+            # has its own cursor (maybe older than this read's) and gets its own read.
+            if watch is None or not entries or reading.get(sid or "") is not watch:
                 continue
             for entry in entries:
                 eid, fields = entry[0], entry[1]
@@ -299,24 +306,41 @@ class Hub:
             if parse_stream_id(last) > parse_stream_id(watch.cursor):
                 watch.cursor = last
 
-    async def _drop_broken_streams(self, exc: rexc.ResponseError) -> None:
-        """A key that is not a stream fails the whole XREAD: fail its subscribers, keep the rest."""
+    async def _drop_broken_streams(self, exc: rexc.ResponseError | UnicodeDecodeError) -> None:
+        """A key that is not a stream, or an entry that is not UTF-8 text (for a client that
+        decodes strictly), fails the whole XREAD: fail its subscribers, keep the rest."""
         keys = self._store.keys
         broken = False
         for sid in list(self._watches):
-            kind = str(await self._store.client.type(keys.events(sid)))
+            key = keys.events(sid)
+            kind = str(await self._store.client.type(key))
             if kind not in ("stream", "none"):
-                broken = True
-                error = RunstateError(
-                    f"cannot read events of session {sid!r}: {keys.events(sid)} is a {kind}, "
-                    f"not a stream ({exc})"
-                )
+                reason = f"{key} is a {kind}, not a stream"
+            elif isinstance(exc, UnicodeDecodeError) and not await self._decodes(sid):
+                reason = f"{key} holds an entry that is not UTF-8 text"
+            else:
+                continue
+            broken = True
+            error = RunstateError(f"cannot read events of session {sid!r}: {reason} ({exc})")
+            if sid in self._watches:
                 for sub in self._watches.pop(sid).subs:
                     sub.fail(error)
                 self._gen += 1
         if not broken:
             log.error("event reader: %s", exc)
             await asyncio.sleep(1.0)
+
+    async def _decodes(self, session_id: str) -> bool:
+        """Whether what the reader would read next of the session decodes."""
+        watch = self._watches.get(session_id)
+        if watch is None:
+            return True
+        key = self._store.keys.events(session_id)
+        try:
+            await self._store.client.xrange(key, min=f"({watch.cursor}", count=self._count)
+        except UnicodeDecodeError:
+            return False
+        return True
 
 
 # ---- one subscriber ---------------------------------------------------------------------------

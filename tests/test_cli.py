@@ -73,6 +73,7 @@ async def test_ls_show_tail_cancel(redis_url: str, prefix: str) -> None:
         assert table.returncode == 0 and "ops-1" in table.stdout and "w-ops" in table.stdout
         listed = json.loads(runstate(redis_url, prefix, "--json", "ls").stdout)
         assert [(r["session_id"], r["status"]) for r in listed] == [("ops-1", "running")]
+        assert json.loads(runstate(redis_url, prefix, "ls", "--json").stdout) == listed
 
         # And show prints the runner, its critical events and its last events
         shown = runstate(redis_url, prefix, "show", "ops-1")

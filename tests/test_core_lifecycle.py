@@ -841,3 +841,18 @@ def test_runner_state_has_the_seed_fields() -> None:
     }
     assert seed | {"error", "worker", "attempt", "parent"} <= set(RunnerState.model_fields)
     assert RunnerState.model_fields["status"].annotation is RunStatus
+
+
+async def test_a_run_started_right_after_the_last_one_ended_stays_indexed(
+    coord: Coordinator,
+) -> None:
+    # Given a run that ended, and the next run reserved before its worker drops the old one
+    # from the active index (a chat client sending right after [DONE])
+    handle = await start_run(coord, "s1")
+    await coord.store.finish("s1", handle.run_id, handle.attempt, Complete())
+    nxt = await coord.execute("s1", {"turn": 2})
+    # When the old run's owner unindexes the session, as it does after finishing
+    await coord.store.unindex("s1")
+    # Then the new run is still listed as active
+    assert [r.run_id for r in await coord.active_runs()] == [nxt.run_id]
+    assert "s1" in await coord.store.active_sessions()

@@ -64,6 +64,53 @@ class FlakyScript:
         return result
 
 
+class FlakyPipelines:
+    """Wraps a client's pipelines: fails some executes before or after they reach Redis."""
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        fail_before: int = 0,
+        fail_after: int = 0,
+        error: Exception | None = None,
+    ) -> None:
+        self.make = client.pipeline
+        self.fail_before = fail_before
+        self.fail_after = fail_after
+        self.error = error or rexc.ConnectionError("injected: connection reset")
+        self.calls = 0
+        self.ran = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        pipe = self.make(*args, **kwargs)
+        real_execute = pipe.execute
+
+        async def execute(*a: Any, **kw: Any) -> Any:
+            self.calls += 1
+            if self.fail_before > 0:
+                self.fail_before -= 1
+                raise self.error
+            result = await real_execute(*a, **kw)
+            self.ran += 1
+            if self.fail_after > 0:
+                self.fail_after -= 1
+                raise self.error
+            return result
+
+        pipe.execute = execute
+        return pipe
+
+
+async def flaky_pipelines(
+    coord: Coordinator, monkeypatch: pytest.MonkeyPatch, **kw: Any
+) -> FlakyPipelines:
+    await coord.try_reserve("warm-up")  # loads the reserve script: no NOSCRIPT round to count
+    wrapper = FlakyPipelines(coord.client, **kw)
+    monkeypatch.setattr(coord.client, "pipeline", wrapper)
+    return wrapper
+
+
 def flaky(coord: Coordinator, name: str, monkeypatch: pytest.MonkeyPatch, **kw: Any) -> FlakyScript:
     wrapper = FlakyScript(coord.store._scripts[name], **kw)
     monkeypatch.setitem(coord.store._scripts, name, wrapper)
@@ -158,8 +205,8 @@ async def test_non_transient_errors_are_not_retried() -> None:
 async def test_transient_errors_of_a_script_are_retried(
     coord: Coordinator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given a reserve script whose first two calls fail before reaching Redis
-    script = flaky(coord, "reserve", monkeypatch, fail_before=2)
+    # Given a reservation (one pipelined round trip) whose first two tries fail before Redis
+    script = await flaky_pipelines(coord, monkeypatch, fail_before=2)
 
     # When a run is reserved
     result = await coord.try_reserve("s1")
@@ -172,13 +219,13 @@ async def test_transient_errors_of_a_script_are_retried(
 async def test_non_transient_errors_of_a_script_are_not_retried(
     coord: Coordinator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given a reserve script that Redis refuses
-    script = flaky(
-        coord, "reserve", monkeypatch, fail_before=5, error=rexc.ResponseError("NOSCRIPT x")
+    # Given a reservation that Redis refuses
+    script = await flaky_pipelines(
+        coord, monkeypatch, fail_before=5, error=rexc.ResponseError("ERR injected refusal")
     )
 
     # When a run is reserved, Then the refusal is raised after one call
-    with pytest.raises(rexc.ResponseError, match="NOSCRIPT"):
+    with pytest.raises(rexc.ResponseError, match="injected refusal"):
         await coord.try_reserve("s1")
     assert script.calls == 1
 
@@ -211,8 +258,8 @@ async def test_reserve_script_retried_with_the_same_run_id_is_reserved(
 async def test_reserve_whose_answer_was_lost_is_reserved(
     coord: Coordinator, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given a reserve script whose first answer is lost
-    script = flaky(coord, "reserve", monkeypatch, fail_after=1)
+    # Given a reservation whose first answer is lost
+    script = await flaky_pipelines(coord, monkeypatch, fail_after=1)
 
     # When a run is reserved
     result = await coord.try_reserve("s1")

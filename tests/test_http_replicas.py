@@ -1,7 +1,8 @@
 """Two real `runstate serve` replicas on one real server: any replica serves any request.
 
-The worker runtime is not involved: the test process plays the worker, claiming each run
-with its own Coordinator and writing the events.
+Most tests play the worker from the test process (claiming each run with its own Coordinator
+and writing the events), to control exactly what is written when; the last ones have a real
+``python -m workers`` process run the runs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from redis.asyncio import Redis
 from runstate import Coordinator, RunCancelled
 from runstate.events import TaskListUpdated, Token
 
+from .agents.helpers import WorkerProcess, registered, start_worker
+from .agents.helpers import eventually as until
 from .helpers import claim, eventually
 from .http_support import (
     Frame,
@@ -316,3 +319,101 @@ def test_serve_refuses_a_bad_prefix(tmp_path: Path, redis_url: str) -> None:
     finally:
         stop_serve(bad)
     assert "invalid key prefix 'a b'" in bad.output()
+
+
+# ---- with a real worker process running the runs ------------------------------------------
+
+
+@pytest.fixture
+async def real_worker(
+    redis_url: str, module_prefix: str, worker: Coordinator, tmp_path: Path
+) -> AsyncIterator[WorkerProcess]:
+    """A ``python -m workers`` process running the demo agent for this module's prefix."""
+    proc = start_worker(
+        redis_url,
+        module_prefix,
+        f"http-w-{uuid.uuid4().hex[:6]}",
+        tmp_path,
+        app="workers.demo_agent:agent",
+    )
+    try:
+        await registered(worker, proc)
+        yield proc
+    finally:
+        proc.proc.terminate()
+        proc.wait()
+
+
+async def execute_payload(
+    http: httpx.AsyncClient, replica: Replica, sid: str, payload: dict[str, object]
+) -> str:
+    response = await http.post(f"{replica.url}{API}/sessions/{sid}/execute", json=payload)
+    assert response.status_code == 202, response.text
+    run_id: str = response.json()["run_id"]
+    return run_id
+
+
+async def test_a_real_worker_runs_it_stream_on_b_drop_and_resume_on_a(
+    replicas: tuple[Replica, Replica],
+    real_worker: WorkerProcess,
+    worker: Coordinator,
+    real_redis: Redis,
+    http: httpx.AsyncClient,
+) -> None:
+    a, b = replicas
+    sid = "rep-worker-stream"
+    # Given a run started on A and run by a worker process, streamed from B
+    await execute_payload(http, a, sid, {"rounds": 2, "token_delay": 0.01, "tool_delay": 0.05})
+    seen: list[Frame] = []
+    async with http.stream(
+        "GET", f"{b.url}{API}/sessions/{sid}/events", params={"last_event_id": "0"}
+    ) as response:
+        frames = aiter_frames(response)
+        for _ in range(10):
+            seen.append(await next_event(frames))
+        await frames.aclose()  # When the connection drops mid-run
+    # And the client resumes on A after the last id it saw, reading until [DONE]
+    async with http.stream(
+        "GET", f"{a.url}{API}/sessions/{sid}/events", headers={"Last-Event-ID": seen[-1].id or ""}
+    ) as response:
+        frames = aiter_frames(response)
+        while not (frame := await next_event(frames, limit=20)).done:
+            seen.append(frame)
+        await frames.aclose()
+    # Then the frames are the run's stream entries exactly, from execution_started to complete
+    assert [f.id for f in seen] == await stream_ids(real_redis, worker.keys.events(sid))
+    assert seen[0].event == "execution_started" and seen[-1].event == "complete"
+    state = await worker.runner(sid)
+    assert state is not None and state.status == "completed"
+    assert state.worker == real_worker.id
+
+
+async def test_stop_on_b_cancels_a_run_a_real_worker_runs(
+    replicas: tuple[Replica, Replica],
+    real_worker: WorkerProcess,
+    worker: Coordinator,
+    http: httpx.AsyncClient,
+) -> None:
+    a, b = replicas
+    sid = "rep-worker-stop"
+    # Given a long run started on A and running in a worker process
+    run_id = await execute_payload(http, a, sid, {"rounds": 50, "token_delay": 0.05})
+    await until(lambda: _status(worker, sid), lambda s: s == "running", what="it runs")
+    # When B is asked to stop the session
+    response = await http.post(f"{b.url}{API}/sessions/{sid}/stop")
+    assert response.status_code == 200, response.text
+    # Then the run is cancelled, its stream ends with the cancelled event, and the worker
+    # stopped at its next checkpoint (its log says so) while staying up for other runs
+    state = await worker.runner(sid)
+    assert state is not None and state.status == "cancelled" and state.run_id == run_id
+    await until(
+        lambda: asyncio.sleep(0, real_worker.output()),
+        lambda out: f"session={sid} run={run_id} attempt=1 outcome=cancelled" in out,
+        what="the worker logged the cancelled run",
+    )
+    assert real_worker.proc.poll() is None
+
+
+async def _status(coord: Coordinator, sid: str) -> str | None:
+    state = await coord.runner(sid)
+    return None if state is None else state.status.value

@@ -2,85 +2,42 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
 from runstate import Coordinator
-from runstate.config import ENV_PREFIX, ENV_URL
 from runstate.queue import Queue, now_ms
 from tests.agents import basic
-from tests.agents.helpers import eventually, stream_events, wait_status
-
-ROOT = Path(__file__).resolve().parents[1]
-APP = "tests.agents.basic:agent"
-FAST_ARGS = [
-    "--heartbeat-interval",
-    "0.1",
-    "--lost-after",
-    "1.0",
-    "--reaper-interval",
-    "0.2",
-    "--scan-interval",
-    "0.5",
-    "--schedule-interval",
-    "0.05",
-    "--block-ms",
-    "200",
-    "--log-level",
-    "INFO",
-]
-
-
-class WorkerProcess:
-    """One ``python -m workers`` subprocess, its output going to a log file."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], worker_id: str, log: Path) -> None:
-        self.proc = proc
-        self.id = worker_id
-        self.log = log
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def wait(self, limit: float = 20.0) -> int:
-        try:
-            return self.proc.wait(limit)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"worker {self.id} did not exit:\n{self.output()}") from None
-
+from tests.agents.helpers import (
+    APP,
+    ROOT,
+    WorkerProcess,
+    eventually,
+    registered,
+    start_worker,
+    stream_events,
+    wait_status,
+    worker_env,
+)
 
 StartProcess = Callable[..., WorkerProcess]
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in (ENV_URL, ENV_PREFIX)}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 @pytest.fixture
 def start_process(redis_url: str, prefix: str, tmp_path: Path) -> Iterator[StartProcess]:
     """Start worker subprocesses; any still alive at teardown are killed."""
     procs: list[WorkerProcess] = []
-    files: list[IO[bytes]] = []
 
     def start(name: str, *extra: str, app: str = APP) -> WorkerProcess:
-        log = tmp_path / f"{name}.log"
-        out = log.open("wb")
-        files.append(out)
-        cmd = [sys.executable, "-m", "workers", app, "--redis-url", redis_url, "--prefix", prefix]
-        cmd += [*FAST_ARGS, "--worker-id", name, *extra]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT)
-        worker = WorkerProcess(proc, name, log)
+        worker = start_worker(redis_url, prefix, name, tmp_path, *extra, app=app)
         procs.append(worker)
         return worker
 
@@ -88,11 +45,7 @@ def start_process(redis_url: str, prefix: str, tmp_path: Path) -> Iterator[Start
         yield start
     finally:
         for worker in procs:
-            if worker.proc.poll() is None:
-                worker.proc.kill()
-            worker.proc.wait()
-        for f in files:
-            f.close()
+            worker.kill()
 
 
 @pytest.fixture
@@ -103,15 +56,6 @@ async def rcoord(real_redis: aioredis.Redis, prefix: str) -> AsyncIterator[Coord
         yield c
     finally:
         await c.aclose()
-
-
-async def registered(coord: Coordinator, worker: WorkerProcess) -> None:
-    """Wait until the worker process has heartbeated (it reads the queue right after)."""
-    queue = Queue(coord.store)
-    try:
-        await eventually(queue.worker_deadlines, lambda d: worker.id in d, what=worker.id)
-    except AssertionError:
-        raise AssertionError(f"worker {worker.id} did not start:\n{worker.output()}") from None
 
 
 def records(folder: Path) -> list[dict[str, Any]]:
@@ -135,7 +79,7 @@ def test_bad_app_paths_and_options_exit_2_naming_them() -> None:
     runs["--concurrency 0"] = [sys.executable, "-m", "workers", APP, "--concurrency", "0"]
     cases["--concurrency 0"] = "argument --concurrency: must be >= 1, got '0'"
     procs = {
-        name: subprocess.Popen(cmd, cwd=ROOT, env=_env(), stderr=subprocess.PIPE)
+        name: subprocess.Popen(cmd, cwd=ROOT, env=worker_env(), stderr=subprocess.PIPE)
         for name, cmd in runs.items()
     }
     for name, proc in procs.items():
@@ -180,7 +124,9 @@ async def test_sigkill_with_runs_in_flight_every_run_ends_and_never_runs_twice_a
     # Given worker A running three runs
     a = start_process("wA", "--concurrency", "4")
     await registered(rcoord, a)
-    payload = {"steps": 20, "delay": 0.05, "record_dir": str(tmp_path)}
+    # (a first attempt far longer than the test, so A is still running them when it is
+    # killed however slow B is to start; the second attempts go quickly)
+    payload = {"steps": 200, "delay": 0.2, "retry_delay": 0.005, "record_dir": str(tmp_path)}
     runs = {sid: (await rcoord.execute(sid, payload)).run_id for sid in ("k1", "k2", "k3")}
     for sid in runs:
         state = await wait_status(rcoord, sid, "running")
@@ -188,7 +134,7 @@ async def test_sigkill_with_runs_in_flight_every_run_ends_and_never_runs_twice_a
     # And worker B, idle
     b = start_process("wB", "--concurrency", "4")
     await registered(rcoord, b)
-    # When A is killed
+    # When A is killed mid-run
     a.proc.send_signal(signal.SIGKILL)
     a.wait()
     killed_at = time.time()

@@ -151,6 +151,10 @@ class RunContext:
         """
         return await self._handle.emit(event)
 
+    async def stream(self, event: AgentEvent | JSONObject) -> None:
+        """Queue an event (a token) for a batched write; see :meth:`runstate.RunHandle.stream`."""
+        await self._handle.stream(event)
+
     async def emit_many(self, events: Sequence[AgentEvent | JSONObject]) -> list[str]:
         """Write several events in one round trip, in order; returns their stream ids."""
         return await self._handle.emit_many(events)

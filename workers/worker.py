@@ -41,13 +41,14 @@ from runstate import (
     RedisUnavailable,
     RunCancelled,
     RunHandle,
+    RunstateError,
     RunSuperseded,
     StaleRunError,
 )
 from runstate.events import JSONObject
 from runstate.keys import validate_worker_id
 from runstate.queue import Queue, QueueEntry, RunOwner
-from runstate.retry import TRANSIENT_ERRORS, cancel_and_wait
+from runstate.retry import TRANSIENT_ERRORS, cancel_and_wait, describe
 
 from .context import Agent, RunContext
 from .heartbeat import Heartbeat
@@ -315,7 +316,7 @@ class Worker:
                 else:
                     entries = await self.queue.read(self.id, free, self.block_ms)
             except Exception as exc:
-                log.warning("worker %s: reading the queue failed (%r)", self.id, exc)
+                log.warning("worker %s: reading the queue failed (%s)", self.id, describe(exc))
                 recheck = True
                 await _wait_any(self._stopping, limit=backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
@@ -358,12 +359,19 @@ class Worker:
         backoff = 0.1
         while True:
             try:
-                handle = await self.coord.claim(sid, run_id, self.id)
+                # The entry is acknowledged in the claim's round trip, whatever its answer.
+                handle = await self.coord.claim(sid, run_id, self.id, ack=entry.id)
             except StaleRunError as exc:
                 log.info("worker %s: not claiming session=%s run=%s: %s", self.id, sid, run_id, exc)
-                await self._ack(entry)
                 return None
             except Exception as exc:
+                if isinstance(exc, RunstateError | ValueError) and not isinstance(exc, RETRYABLE):
+                    # Junk in the session's keys: retrying cannot help, and must not hold a slot.
+                    log.error(
+                        "worker %s: cannot claim session=%s run=%s: %s", self.id, sid, run_id, exc
+                    )
+                    await self._ack(entry)
+                    return None
                 # Not acknowledged: if the claim did land, retrying it is answered the same
                 # (claims by one worker are idempotent); if we stop, the entry is put back.
                 log.warning("worker %s: claim of run %s failed (%r)", self.id, run_id, exc)
@@ -372,7 +380,6 @@ class Worker:
                 await _wait_any(self._stopping, limit=backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
-            await self._ack(entry)
             return handle
 
     async def _ack(self, entry: QueueEntry) -> None:

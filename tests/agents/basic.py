@@ -5,7 +5,8 @@ Payload keys:
 * ``kind``: ``"steps"`` (default), ``"quiet"``, ``"boom"``, ``"spawn"``, ``"forever"``,
   ``"bad_usage"``, ``"demo"``;
 * ``steps`` / ``delay``: how many checkpointed steps, and the pause of each (``steps`` emits a
-  token per step, ``quiet`` nothing);
+  token per step, ``quiet`` nothing); ``retry_delay``: the pause from the second attempt on
+  (default ``delay``), so a test can keep a first attempt busy and let the retry be quick;
 * ``message``: the exception message (``boom``);
 * ``children``: child session ids, each run with ``child_payload`` (``spawn``);
 * ``wait_children``: wait for the children before returning (``spawn``, default true);
@@ -67,10 +68,13 @@ async def agent(ctx: RunContext) -> None:
     record(ctx, "start")
     try:
         if kind == "steps":
+            delay = float(payload.get("delay", 0.01))
+            if ctx.attempt > 1:
+                delay = float(payload.get("retry_delay", delay))
             for i in range(int(payload.get("steps", 3))):
                 await ctx.checkpoint()
                 await ctx.emit(Token(content=f"step {i} "))
-                await asyncio.sleep(float(payload.get("delay", 0.01)))
+                await asyncio.sleep(delay)
         elif kind == "quiet":  # safe points, but no writes
             for _ in range(int(payload.get("steps", 3))):
                 await ctx.checkpoint()

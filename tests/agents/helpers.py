@@ -1,14 +1,21 @@
-"""Waiting helpers for the worker tests: poll Redis state against a deadline, never bare sleeps."""
+"""Helpers for the worker tests: poll Redis state against a deadline (never bare sleeps), and
+start ``python -m workers`` subprocesses."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from runstate import Coordinator, RunnerState
+from runstate.config import ENV_PREFIX, ENV_URL
+from runstate.queue import Queue
 
 T = TypeVar("T")
 
@@ -81,3 +88,88 @@ async def stream_events(coord: Coordinator, session_id: str) -> list[dict[str, A
         }
         for eid, f in entries
     ]
+
+
+# ---- worker subprocesses ----------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+APP = "tests.agents.basic:agent"
+# Knobs that keep worker processes fast in tests.
+FAST_ARGS = [
+    "--heartbeat-interval",
+    "0.1",
+    "--lost-after",
+    "1.0",
+    "--reaper-interval",
+    "0.2",
+    "--scan-interval",
+    "0.5",
+    "--schedule-interval",
+    "0.05",
+    "--block-ms",
+    "200",
+    "--log-level",
+    "INFO",
+]
+
+
+class WorkerProcess:
+    """One ``python -m workers`` subprocess, its output going to a log file."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], worker_id: str, log: Path) -> None:
+        self.proc = proc
+        self.id = worker_id
+        self.log = log
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait(self, limit: float = 20.0) -> int:
+        try:
+            return self.proc.wait(limit)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"worker {self.id} did not exit:\n{self.output()}") from None
+
+    def kill(self) -> None:
+        """SIGKILL it (if still alive) and reap it."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def worker_env() -> dict[str, str]:
+    """This process's environment without runstate's settings (the command line gives them)."""
+    env = {k: v for k, v in os.environ.items() if k not in (ENV_URL, ENV_PREFIX)}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def start_worker(
+    redis_url: str,
+    prefix: str,
+    name: str,
+    log_dir: Path,
+    *extra: str,
+    app: str = APP,
+    fast: bool = True,
+) -> WorkerProcess:
+    """Start ``python -m workers APP`` with id ``name`` (``FAST_ARGS`` first, then ``extra``)."""
+    log = log_dir / f"{name}.log"
+    cmd = [sys.executable, "-m", "workers", app, "--redis-url", redis_url, "--prefix", prefix]
+    cmd += [*(FAST_ARGS if fast else []), "--worker-id", name, *extra]
+    with log.open("ab") as out:  # the child has its own copy of the descriptor
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=worker_env(), stdout=out, stderr=subprocess.STDOUT
+        )
+    return WorkerProcess(proc, name, log)
+
+
+async def registered(coord: Coordinator, worker: WorkerProcess, limit: float = 10.0) -> None:
+    """Wait until the worker process has heartbeated (it reads the queue right after)."""
+    queue = Queue(coord.store)
+    try:
+        await eventually(
+            queue.worker_deadlines, lambda d: worker.id in d, limit=limit, what=worker.id
+        )
+    except AssertionError:
+        raise AssertionError(f"worker {worker.id} did not start:\n{worker.output()}") from None
