@@ -15,6 +15,7 @@ import contextlib
 import logging
 from typing import Any
 
+from .keys import parse_run_ref
 from .retry import TRANSIENT_ERRORS, cancel_and_wait, describe
 from .store import Store
 
@@ -135,11 +136,11 @@ class CancelWatcher:
         if message.get("type") != "message":
             return
         data = message.get("data")
-        parts = data.split(" ") if isinstance(data, str) else []
-        if len(parts) != 2:
+        ref = parse_run_ref(data)
+        if ref is None:
             log.warning("ignoring malformed cancel message %r", data)
             return
-        self._deliver(parts[0], parts[1])
+        self._deliver(*ref)
 
     async def aclose(self) -> None:
         for task in self._tasks:

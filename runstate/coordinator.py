@@ -16,7 +16,7 @@ from .cancellation import CancelWatcher
 from .config import load_settings
 from .errors import RedisUnavailable, RunstateError
 from .events import DEFAULT_MAX_EVENT_BYTES, StreamEvent
-from .keys import Keys, validate_session_id
+from .keys import Keys, run_ref, validate_session_id
 from .models import Reserved, ReserveResult, RunnerState, RunStatus
 from .retry import RetryPolicy
 from .run import RunHandle
@@ -229,7 +229,7 @@ class Coordinator:
                 await self._cancel(
                     child,
                     f"parent {session_id!r} was cancelled",
-                    parent=f"{session_id} {outcome.run_id}",
+                    parent=run_ref(session_id, outcome.run_id),
                 )
             except RedisUnavailable:
                 raise

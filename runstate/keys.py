@@ -92,6 +92,22 @@ def validate_worker_id(worker_id: object) -> str:
     return worker_id
 
 
+def run_ref(session_id: str, run_id: str) -> str:
+    """``"<session> <run_id>"``: how a run is named in the schedule, in cancel messages, in a
+    child's ``parent`` field and in reports (session ids hold no spaces, so it splits back)."""
+    return f"{session_id} {run_id}"
+
+
+def parse_run_ref(value: object) -> tuple[str, str] | None:
+    """The ``(session_id, run_id)`` of a :func:`run_ref`, or None if ``value`` is not one."""
+    if not isinstance(value, str):
+        return None
+    session_id, sep, run_id = value.partition(" ")
+    if not sep or not session_id or not run_id or " " in run_id:
+        return None
+    return session_id, run_id
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
     """The key names for one prefix. The only object in runstate that spells a key."""

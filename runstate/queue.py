@@ -24,7 +24,7 @@ from redis.commands.core import AsyncScript
 
 from .errors import RunCancelled, RunstateError, RunSuperseded, StaleRunError
 from .events import Error, dump_event
-from .keys import QUEUE_GROUP, validate_session_id
+from .keys import QUEUE_GROUP, parse_run_ref, run_ref, validate_session_id
 from .store import Store, junk_tolerant, load_lua, utcnow
 
 log = logging.getLogger(__name__)
@@ -475,12 +475,11 @@ class Queue:
         for member, won in zip(members, removed, strict=True):
             if not won:
                 continue
-            sid, _, run_id = member.partition(" ")
+            ref = parse_run_ref(member)
             try:
+                sid, run_id = ref if ref else ("", "")
                 validate_session_id(sid)
             except (TypeError, ValueError):
-                sid = ""
-            if not sid or not run_id or " " in run_id:
                 log.warning("dropping malformed schedule entry %r", member)
                 continue
             moved.append((sid, run_id))
@@ -495,7 +494,7 @@ class Queue:
 
     async def schedule_if_absent(self, session_id: str, run_id: str, due_ms: int) -> bool:
         """Put a scheduled run back in the schedule unless it is there; True if it was added."""
-        member = f"{session_id} {run_id}"
+        member = run_ref(session_id, run_id)
         added = await self.retry.call(
             "reschedule",
             lambda: self.client.zadd(self.keys.schedule, {member: due_ms}, nx=True),
@@ -571,7 +570,7 @@ class Queue:
 
     async def scheduled(self, runs: Sequence[tuple[str, str]]) -> list[bool]:
         """Whether each ``(session_id, run_id)`` is in the schedule."""
-        members = [f"{sid} {run_id}" for sid, run_id in runs]
+        members = [run_ref(sid, run_id) for sid, run_id in runs]
         if not members:
             return []
         schedule = self.keys.schedule

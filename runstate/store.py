@@ -22,7 +22,7 @@ from redis.commands.core import AsyncScript
 
 from .errors import EventTooLarge, RunCancelled, RunstateError, RunSuperseded, StaleRunError
 from .events import DEFAULT_MAX_EVENT_BYTES, AgentEvent, StreamEvent, dump_event, parse_event
-from .keys import QUEUE_GROUP, Keys, validate_session_id
+from .keys import QUEUE_GROUP, Keys, run_ref, validate_session_id
 from .models import AlreadyRunning, Reserved, ReserveResult, RunnerState
 from .retry import RetryPolicy
 
@@ -278,7 +278,7 @@ class Store:
                 if due_ms is None:
                     pipe.xadd(self.keys.queue, {"session": session_id, "run": run_id})
                 else:
-                    pipe.zadd(self.keys.schedule, {f"{session_id} {run_id}": due_ms})
+                    pipe.zadd(self.keys.schedule, {run_ref(session_id, run_id): due_ms})
                 await pipe.execute()
 
         try:
@@ -453,8 +453,8 @@ class Store:
 
         def more(pipe: Any) -> None:
             if was == "running":
-                pipe.publish(self.keys.cancel_channel, f"{session_id} {run_id}")
-            pipe.zrem(self.keys.schedule, f"{session_id} {run_id}")
+                pipe.publish(self.keys.cancel_channel, run_ref(session_id, run_id))
+            pipe.zrem(self.keys.schedule, run_ref(session_id, run_id))
 
         await self.unindex(session_id, more)
 
@@ -473,7 +473,7 @@ class Store:
                     more(pipe)
                 pipe.zrem(self.keys.active, session_id)
                 pipe.hget(runner, "status")
-                return await pipe.execute()
+                return junk_tolerant(await pipe.execute(raise_on_error=False))
 
         results = await self.retry.call(f"unindex {session_id!r}", go)
         if results[-1] in ("pending", "running"):

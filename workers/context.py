@@ -11,7 +11,7 @@ from typing import Any, Protocol
 from runstate import Coordinator, RunCancelled, RunHandle, RunstateError, StaleRunError
 from runstate.cancellation import CancelToken
 from runstate.events import AgentEvent, JSONObject, SubAgentCompleted, SubAgentStarted
-from runstate.keys import validate_session_id
+from runstate.keys import run_ref, validate_session_id
 from runstate.models import AlreadyRunning, RunStatus
 from runstate.queue import Queue
 from runstate.retry import cancel_and_wait
@@ -174,7 +174,7 @@ class RunContext:
         """
         validate_session_id(child_session_id)
         await self.checkpoint()
-        me = f"{self.session_id} {self.run_id}"
+        me = run_ref(self.session_id, self.run_id)
         result = await self._coord.execute(child_session_id, payload, parent=me)
         if isinstance(result, AlreadyRunning):
             raise SpawnError(

@@ -9,6 +9,7 @@ import os
 import socket
 from collections.abc import Callable, Sequence
 
+from runstate.keys import run_ref
 from runstate.queue import Queue, RunOwner, now_ms
 from runstate.store import utcnow
 
@@ -73,7 +74,7 @@ class Heartbeat:
         info: dict[str, str | int] = {
             **self._static,
             "in_flight": len(runs),
-            "runs": json.dumps([f"{sid} {run_id}" for sid, run_id in runs]),
+            "runs": json.dumps([run_ref(sid, run_id) for sid, run_id in runs]),
             "beat_at": utcnow(),
         }
         ttl_ms = int(max(self.lost_after, 3 * self.interval) * 1000)

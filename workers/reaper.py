@@ -39,6 +39,7 @@ import random
 from dataclasses import dataclass, field
 
 from runstate import Coordinator
+from runstate.keys import run_ref
 from runstate.queue import Queue, RunProbe, now_ms
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ async def _reap_session(
         if indexed:
             await _unindex(coord, queue, sid, report)
         return
-    name = f"{sid} {run_id}"
+    name = run_ref(sid, run_id)
     if not indexed and await queue.index_if_absent(sid):
         report.reindexed.append(sid)
     now = now_ms()
@@ -271,7 +272,7 @@ async def _dispatch_waiting(queue: Queue, waiting: list[RunProbe], report: ReapR
             continue
         log.warning("reaper: run %s %s was never dispatched; dispatching it", sid, run_id)
         await queue.enqueue(sid, run_id)
-        report.redispatched.append(f"{sid} {run_id}")
+        report.redispatched.append(run_ref(sid, run_id))
 
 
 async def _unindex(coord: Coordinator, queue: Queue, sid: str, report: ReapReport) -> None:
