@@ -463,3 +463,21 @@ def test_exported_names() -> None:
         if not name.startswith("_") and not inspect.ismodule(value)
     }
     assert set(workers.__all__) == public
+
+
+async def test_two_entries_for_one_run_read_together_run_it_once(
+    coord: Coordinator, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    # Given one run with two queue entries (a retried dispatch, a reaper's re-dispatch),
+    # both waiting before the worker starts, so that one read returns them together
+    res = await coord.execute("dup", {"steps": 5, "delay": 0.02, "record_dir": str(tmp_path)})
+    assert isinstance(res, Reserved)
+    await coord.client.xadd(coord.keys.queue, {"session": "dup", "run": res.run_id})
+    # When a worker with room for both reads them
+    await start_worker(concurrency=4)
+    state = await wait_status(coord, "dup", "completed")
+    # Then the run was started once, as one attempt, and both entries were consumed
+    starts = [r for r in records(tmp_path) if r["what"] == "start"]
+    assert len(starts) == 1 and state.attempt == 1
+    assert (await stream_types(coord, "dup")).count("execution_started") == 1
+    await eventually(lambda: coord.client.xlen(coord.keys.queue), lambda n: n == 0)

@@ -203,6 +203,7 @@ class Worker:
         self._started = False
         self._tasks: dict[asyncio.Task[None], str] = {}  # entry tasks -> their entry id
         self._running: dict[tuple[str, str], _Running] = {}
+        self._claiming: dict[tuple[str, str], asyncio.Event] = {}
 
     # ---- public -------------------------------------------------------------------------------
 
@@ -343,15 +344,29 @@ class Worker:
             log.warning("worker %s: dropping malformed queue entry %s", self.id, entry.id)
             await self._ack(entry)
             return
-        while (here := self._running.get((sid, run_id))) is not None:
-            # A second entry for a run we are running: a duplicate, or the run was requeued
-            # while this (now stale) attempt still runs here. Claim once it has ended: the
-            # claim is refused for a duplicate and takes the new attempt otherwise.
-            await here.finished.wait()
+        key = (sid, run_id)
+        while True:
+            if (here := self._running.get(key)) is not None:
+                # A second entry for a run we are running: a duplicate, or the run was requeued
+                # while this (now stale) attempt still runs here. Claim once it has ended: the
+                # claim is refused for a duplicate and takes the new attempt otherwise.
+                await here.finished.wait()
+            elif (claiming := self._claiming.get(key)) is not None:
+                # Two entries for one run read together: a claim by this worker of a run it
+                # already claimed is answered as a retry, so the second must not claim until
+                # the first is settled (and then it finds the run running here, above).
+                await claiming.wait()
+            else:
+                break
         if self._stopping.is_set():
             await self._hand_back_entry(entry)
             return
-        handle = await self._claim(entry, sid, run_id)
+        claiming = self._claiming[key] = asyncio.Event()
+        try:
+            handle = await self._claim(entry, sid, run_id)
+        finally:
+            del self._claiming[key]
+            claiming.set()  # the waiters run after _execute has registered the run
         if handle is not None:
             await self._execute(handle)
 
