@@ -1,0 +1,218 @@
+"""Benchmark 4: cancel latency, ``coord.cancel()`` here → ``checkpoint()`` raising in a worker.
+
+A ``python -m workers`` subprocess runs :mod:`suite.cancel_agent`, which loops on
+``await ctx.checkpoint(); await asyncio.sleep(0.0005)`` and reports ``time.time_ns()`` the moment
+the checkpoint raises. This process executes a run, waits until it runs, waits a random 3-12 ms
+(so that the cancel lands at any phase of the loop), notes ``time.time_ns()`` and calls
+``coord.cancel()``. Two workers: a normal one (pub/sub nudge), and one whose cancel watcher
+never subscribes and polls the markers every 50 ms (:mod:`suite.cancel_agent_nopubsub`).
+
+Baseline: a raw ``PUBLISH`` heard by a plain redis-py subscriber in another process
+(:mod:`suite.cancel_raw`), timed the same way; for the polling worker, the poll interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+
+from runstate import Coordinator, Reserved
+
+from .common import (
+    Procs,
+    Row,
+    Section,
+    child_env,
+    fmt_ms,
+    fmt_ratio,
+    median,
+    new_tag,
+    percentile,
+    ratio,
+    redis_server,
+    reps,
+    scaled,
+)
+
+CANCELS = 30  # per repetition
+WARMUP = 3
+POLL_INTERVAL = 0.05
+BLPOP_TIMEOUT = 8  # below the client's socket timeout
+
+
+async def pop(client: Redis, key: str, what: str, procs: Procs, log: str, wait: float) -> str:
+    deadline = time.monotonic() + wait
+    while True:
+        got = await client.blpop([key], timeout=min(BLPOP_TIMEOUT, wait))
+        if got is not None:
+            return str(got[1])
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {what} within {wait:g}s; log of {log}:\n{procs.log(log)}")
+
+
+async def cancel_once(
+    coord: Coordinator, session: str, key: str, procs: Procs, log: str, wait: float
+) -> tuple[float, float, list[str]]:
+    """One run executed and cancelled: (latency ms, cancel() call ms, unexpected starts)."""
+    reserved = await coord.execute(session)
+    assert isinstance(reserved, Reserved), reserved
+    unexpected = []  # an agent started for some other run (e.g. twice for an earlier one)
+    while (
+        started := await pop(coord.client, f"{key}:started", "run start", procs, log, wait)
+    ) != reserved.run_id:
+        unexpected.append(started)
+    await asyncio.sleep(random.uniform(0.003, 0.012))
+    t0 = time.time_ns()
+    assert await coord.cancel(session)
+    call = (time.time_ns() - t0) / 1e6
+    seen = await pop(coord.client, f"{key}:seen", "checkpoint raising", procs, log, wait)
+    run_id, ns = seen.split()
+    assert run_id == reserved.run_id, (run_id, reserved.run_id)
+    return (int(ns) - t0) / 1e6, call, unexpected
+
+
+async def measure_worker(
+    url: str, tag: str, procs: Procs, name: str, app: str, n: int
+) -> dict[str, Any]:
+    prefix = f"{tag}-{name}"
+    key = f"{tag}:{name}"
+    env = child_env(BENCH_REDIS_URL=url, BENCH_KEY=key, BENCH_POLL_INTERVAL=str(POLL_INTERVAL))
+    cmd = [sys.executable, "-m", "workers", app, "--redis-url", url, "--prefix", prefix]
+    opts = ["--concurrency", "4", "--shutdown-grace", "1", "--shutdown-cancel-wait", "1"]
+    proc = procs.start(name, [*cmd, *opts, "--log-level", "INFO"], env=env)
+    runs: list[list[float]] = []
+    calls: list[float] = []
+    unexpected: list[str] = []
+    try:
+        async with Coordinator.from_url(url, prefix=prefix) as coord:
+            for i in range(WARMUP + reps() * n):
+                # The first one also waits for the worker to start.
+                latency, call, odd = await cancel_once(
+                    coord, "cancel", key, procs, name, 60.0 if i == 0 else 10.0
+                )
+                unexpected += odd
+                if i >= WARMUP:
+                    if (i - WARMUP) % n == 0:
+                        runs.append([])
+                    runs[-1].append(latency)
+                    calls.append(call)
+    finally:
+        procs.stop(proc, timeout=5.0)
+    starts = procs.log(name, 100000).count("run started")
+    return summarize(runs) | {
+        "cancel_call_p50": percentile(calls, 50),
+        "unexpected_starts": unexpected,
+        "runs_started": starts,
+        "runs_executed": WARMUP + reps() * n,
+    }
+
+
+async def measure_raw(url: str, tag: str, procs: Procs, n: int) -> dict[str, Any]:
+    key = f"{tag}:raw"
+    channel = f"{tag}:raw-channel"
+    proc = procs.start("raw", [sys.executable, "-m", "suite.cancel_raw", url, channel, key])
+    runs: list[list[float]] = []
+    client = Redis.from_url(url, decode_responses=True)
+    try:
+        await pop(client, f"{key}:ready", "raw listener", procs, "raw", 60.0)
+        for rep in range(-1, reps()):  # rep -1: warm-up
+            lat = []
+            for i in range(n):
+                await asyncio.sleep(random.uniform(0.003, 0.012))
+                t0 = time.time_ns()
+                await client.publish(channel, f"{rep}.{i}")
+                seen = await pop(client, f"{key}:seen", "raw message", procs, "raw", 10.0)
+                lat.append((int(seen.split()[1]) - t0) / 1e6)
+            if rep >= 0:
+                runs.append(lat)
+    finally:
+        await client.aclose()
+        procs.stop(proc)
+    return summarize(runs)
+
+
+def summarize(runs: list[list[float]]) -> dict[str, Any]:
+    return {
+        "p50": median([percentile(r, 50) for r in runs]),
+        "p99": median([percentile(r, 99) for r in runs]),
+        "max": max(max(r) for r in runs),
+        "runs": runs,
+    }
+
+
+async def measure(url: str, tag: str) -> dict[str, Any]:
+    n = scaled(CANCELS, 5)
+    with Procs() as procs:
+        raw = await measure_raw(url, tag, procs, n)
+        pubsub = await measure_worker(url, tag, procs, "pubsub", "suite.cancel_agent:agent", n)
+        polled = await measure_worker(
+            url, tag, procs, "polling", "suite.cancel_agent_nopubsub:agent", n
+        )
+    return {"cancels_per_rep": n, "raw": raw, "pubsub": pubsub, "polling": polled}
+
+
+def run() -> list[Section]:
+    tag = new_tag()
+    with redis_server(tag) as url:
+        data = asyncio.run(measure(url, tag))
+    raw, pubsub, polled = data["raw"], data["pubsub"], data["polling"]
+    poll_ms = POLL_INTERVAL * 1000
+    section = Section(
+        "4. Cancel latency: `coord.cancel()` → `checkpoint()` raising in a worker process",
+        f"{data['cancels_per_rep']} cancels per repetition, median over {reps()} repetitions "
+        "of the per-repetition p50 / p99 (with so few samples, a p99 is about the slowest "
+        "cancel). The agent checks every ~0.5 ms (asyncio rounds that sleep up to 1 ms). "
+        "Baseline with pub/sub: raw `PUBLISH` → a plain redis-py subscriber in another "
+        "process, timed the same way.",
+        data=data,
+    )
+    section.rows += [
+        Row(
+            "with pub/sub: p99",
+            fmt_ms(pubsub["p99"]),
+            f"raw PUBLISH p99 {fmt_ms(raw['p99'])}",
+            fmt_ratio(ratio(pubsub["p99"], raw["p99"])),
+            "≤ 2 ms",
+            pubsub["p99"] <= 2.0,
+        ),
+        Row(
+            "with pub/sub: p50",
+            fmt_ms(pubsub["p50"]),
+            f"raw PUBLISH p50 {fmt_ms(raw['p50'])}",
+            fmt_ratio(ratio(pubsub["p50"], raw["p50"])),
+        ),
+        Row(
+            f"pub/sub blocked, markers polled every {poll_ms:g} ms: p99",
+            fmt_ms(polled["p99"]),
+            f"poll interval {fmt_ms(poll_ms)}",
+            fmt_ratio(ratio(polled["p99"], poll_ms)),
+            f"≤ {poll_ms + 2:g} ms",
+            polled["p99"] <= poll_ms + 2,
+        ),
+        Row(
+            "pub/sub blocked: p50",
+            fmt_ms(polled["p50"]),
+            f"half the interval {fmt_ms(poll_ms / 2)}",
+            fmt_ratio(ratio(polled["p50"], poll_ms / 2)),
+        ),
+    ]
+    section.notes.append(
+        f"The `coord.cancel()` call itself (cancel script, then a pipeline with the PUBLISH) "
+        f"takes {fmt_ms(pubsub['cancel_call_p50'])} at p50; slowest cancel seen: "
+        f"{fmt_ms(pubsub['max'])} with pub/sub, {fmt_ms(polled['max'])} polling, raw "
+        f"{fmt_ms(raw['max'])}."
+    )
+    for name, worker in (("pub/sub", pubsub), ("polling", polled)):
+        if worker["unexpected_starts"] or worker["runs_started"] != worker["runs_executed"]:
+            section.notes.append(
+                f"**Anomaly** ({name} worker): {worker['runs_executed']} runs executed, the "
+                f'worker logged {worker["runs_started"]} "run started"; agent starts for a '
+                f"run other than the one just executed: {len(worker['unexpected_starts'])} "
+                "(a run started twice?)."
+            )
+    return [section]

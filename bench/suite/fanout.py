@@ -1,0 +1,256 @@
+"""Benchmark 3: fan-out of one run's events to 1, 100 and 1,000 subscribers in another process.
+
+This process is the producer: a claimed run emitting ``Token`` events at 1,000 events/s whose
+content is ``time.time_ns()`` at send time. The subscribers all live in one subprocess
+(:mod:`suite.fanout_consumer`), which measures receive time minus send time (same machine,
+same clock). Each subscriber count is one consumer process; the producer runs ``BENCH_REPS``
+runs in a row on the session (``RUN_SECONDS`` long), each run giving a p50 and a p99; the table
+shows the median of those. Connections: ``CLIENT LIST`` entries named by the consumer's
+``?client_name=`` (sampled before and in the middle of every run; the most seen is reported).
+Baseline: sequential ``PING`` round trips on the producer's client before each run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sys
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+
+from runstate import Coordinator, subscription
+from runstate.events import Token
+
+from .common import (
+    Procs,
+    Row,
+    Section,
+    fmt_ms,
+    fmt_ratio,
+    median,
+    new_tag,
+    percentile,
+    ratio,
+    redis_server,
+    reps,
+    scaled,
+    with_query,
+)
+from .emit import claimed_run, end_run
+
+RATE = 1000  # events per second
+SUBSCRIBERS = (1, 100, 1000)
+# Seconds per run. Shorter for 1,000 subscribers: one Python process cannot deliver 1M events/s,
+# so the backlog (and the latency) grows for as long as a run lasts, and so does the run time.
+RUN_SECONDS = {1: 1.0, 100: 1.0, 1000: 0.25}
+PINGS = 1000
+DRAIN_LIMIT = 60.0  # seconds the producer waits for the subscribers to catch up after a run
+
+
+async def ping_baseline(client: Redis, n: int) -> dict[str, float]:
+    lat = []
+    for _ in range(n):
+        start = time.perf_counter_ns()
+        await client.ping()
+        lat.append((time.perf_counter_ns() - start) / 1e6)
+    return {"p50": percentile(lat, 50), "p99": percentile(lat, 99)}
+
+
+async def connections(client: Redis, name: str) -> int:
+    return sum(1 for c in await client.client_list() if c.get("name") == name)
+
+
+async def phase(
+    coord: Coordinator, url: str, tag: str, procs: Procs, subs: int, runs: int, seconds: float
+) -> dict[str, Any]:
+    session = f"fan-{subs}"
+    name = f"{tag}-sub"
+    drained = f"{tag}:drained:{subs}"
+    out = procs.dir / f"fanout-{subs}.json"
+    deadline = runs * (seconds + DRAIN_LIMIT) + 30
+    proc = procs.start(
+        f"fanout-{subs}",
+        [
+            sys.executable,
+            "-m",
+            "suite.fanout_consumer",
+            "--url",
+            with_query(url, client_name=name),
+            "--prefix",
+            tag,
+            "--session",
+            session,
+            "--subs",
+            str(subs),
+            "--deadline",
+            str(deadline),
+            "--out",
+            str(out),
+            "--control-url",
+            with_query(url, client_name=f"{tag}-control"),
+            "--drained",
+            drained,
+        ],
+        stdout_pipe=True,
+    )
+    assert proc.stdout is not None
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 120)
+    except TimeoutError:
+        line = b""
+    if line.strip() != b"ready":
+        procs.stop(proc)
+        raise RuntimeError(f"fan-out consumer did not start:\n{procs.log(f'fanout-{subs}')}")
+    conns = [await connections(coord.client, name)]
+    run_ids = []
+    rates = []
+    pings = []
+    drain: list[float] = []
+    for index in range(runs):
+        # The baseline, under the same conditions: the subscribers are attached and idle.
+        pings.append(await ping_baseline(coord.client, scaled(PINGS, 200)))
+        run = await claimed_run(coord, session, worker="producer")
+        run_ids.append(run.run_id)
+        n = round(RATE * seconds)
+
+        async def sample_later() -> int:
+            await asyncio.sleep(seconds / 2)
+            return await connections(coord.client, name)
+
+        sampler = asyncio.create_task(sample_later())
+        start = time.monotonic()
+        for i in range(n):
+            delay = start + i / RATE - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await run.emit(Token(content=str(time.time_ns())))
+        rates.append(n / (time.monotonic() - start))
+        if index == runs - 1:
+            await run.fail("end of the benchmark")  # tells the subscribers to stop
+            coord.release(run)
+        else:
+            await end_run(coord, run)
+        conns.append(await sampler)
+        # Independent runs: the next one starts once every subscriber has caught up.
+        drain_started = time.monotonic()
+        while not await coord.client.blpop([drained], timeout=5):
+            if proc.poll() is not None or time.monotonic() - drain_started > DRAIN_LIMIT:
+                break
+        drain.append(time.monotonic() - drain_started)
+    code = await asyncio.to_thread(proc.wait, deadline + 30)
+    procs.stop(proc)
+    if code != 0 or not out.exists():
+        raise RuntimeError(f"fan-out consumer failed ({code}):\n{procs.log(f'fanout-{subs}')}")
+    result = json.loads(out.read_text())
+    per_run = [result["runs"].get(r) for r in run_ids]
+    delivered = sum(r["n"] for r in per_run if r)
+    return {
+        "subs": subs,
+        "run_seconds": seconds,
+        "p50": median([r["p50"] for r in per_run if r]),
+        "p99": median([r["p99"] for r in per_run if r]),
+        "max": max((r["max"] for r in per_run if r), default=math.nan),
+        "expected": subs * runs * round(RATE * seconds),
+        "delivered": delivered,
+        "gaps": result["gaps"],
+        "timed_out": result["timed_out"],
+        "consumer_cpu_s": result["cpu_s"],
+        "connections": max(conns),
+        "connection_samples": conns,
+        "producer_rate": median(rates),
+        "drain_s": drain,
+        "ping_p50": median([p["p50"] for p in pings]),
+        "ping_p99": median([p["p99"] for p in pings]),
+        "per_run": per_run,
+    }
+
+
+async def measure(url: str, tag: str) -> dict[str, Any]:
+    runs = reps()
+    scale = scaled(1000, 100) / 1000
+    async with Coordinator.from_url(url, prefix=tag) as coord:
+        for _ in range(500):  # warm-up
+            await coord.client.ping()
+        phases = []
+        with Procs() as procs:
+            for subs in SUBSCRIBERS:
+                seconds = RUN_SECONDS[subs] * scale
+                phases.append(await phase(coord, url, tag, procs, subs, runs, seconds))
+    return {"phases": phases}
+
+
+def run() -> list[Section]:
+    tag = new_tag()
+    with redis_server(tag) as url:
+        data = asyncio.run(measure(url, tag))
+    section = Section(
+        "3. Fan-out: one producer at 1,000 events/s, subscribers in one other process",
+        f"{reps()} runs per subscriber count at {RATE} Token events/s, each "
+        + " / ".join(f"{p['run_seconds']:g} s" for p in data["phases"])
+        + " long for 1 / 100 / 1,000 subscribers (past saturation the latency grows with the "
+        "run's length: shorter runs keep the last figure a lower bound and the time bounded); "
+        "median of the per-run p50 / p99 of receive time - send time. "
+        f"Baseline: sequential `PING` round trips from the producer ({scaled(PINGS, 200)} "
+        "before each run, the subscribers attached and idle), median of the per-run p50 / p99.",
+        data=data,
+    )
+    by_subs = {p["subs"]: p for p in data["phases"]}
+    for subs, p in by_subs.items():
+        ping = p["ping_p99"]
+        limit, goal = {
+            1: (4 * ping, "≤ 4x PING p99"),
+            100: (5.0, "≤ 5 ms"),
+            1000: (15.0, "≤ 15 ms"),
+        }[subs]
+        complete = p["delivered"] >= p["expected"] and not p["timed_out"]
+        section.rows.append(
+            Row(
+                f"{subs} subscriber{'s' if subs > 1 else ''}: p99 delivery latency",
+                fmt_ms(p["p99"]),
+                f"PING p99 {fmt_ms(ping)}",
+                fmt_ratio(ratio(p["p99"], ping)),
+                goal,
+                bool(p["p99"] <= limit and complete),
+            )
+        )
+        section.rows.append(
+            Row(
+                f"{subs} subscriber{'s' if subs > 1 else ''}: p50 delivery latency",
+                fmt_ms(p["p50"]),
+                f"PING p50 {fmt_ms(p['ping_p50'])}",
+                fmt_ratio(ratio(p["p50"], p["ping_p50"])),
+            )
+        )
+    conns = {s: p["connections"] for s, p in by_subs.items()}
+    reads = getattr(subscription, "MAX_CONCURRENT_READS", 8)
+    bound = 1 + reads  # the hub's reader + its concurrent snapshot/catch-up reads
+    section.rows.append(
+        Row(
+            "Redis connections of the subscriber process, most seen (1 / 100 / 1,000 subscribers)",
+            " / ".join(str(conns[s]) for s in SUBSCRIBERS),
+            "one per subscriber: " + " / ".join(f"{s:,}" for s in SUBSCRIBERS),
+            "",
+            f"independent of the count (≤ {bound}: 1 reader + {reads} reads)",
+            max(conns.values()) <= bound,
+        )
+    )
+    for subs, p in by_subs.items():
+        per_event_us = p["consumer_cpu_s"] / max(1, p["delivered"]) * 1e6
+        section.notes.append(
+            f"{subs} subscriber(s): delivered {p['delivered']:,} of {p['expected']:,} token "
+            f"events, gap notices covering {p['gaps']:,} events, max latency "
+            f"{fmt_ms(p['max'])}, producer rate {p['producer_rate']:,.0f}/s, subscriber process "
+            f"CPU {p['consumer_cpu_s']:.2f} s ({per_event_us:.1f} µs per delivered event), "
+            f"connections seen {p['connection_samples']}, catching up after each run took "
+            + "/".join(f"{x:.1f}" for x in p["drain_s"])
+            + " s"
+            + (
+                f", {p['timed_out']} subscriber(s) still behind at the deadline"
+                if p["timed_out"]
+                else ""
+            )
+        )
+    return [section]

@@ -1,0 +1,114 @@
+"""The subscriber process of the fan-out benchmark (``python -m suite.fanout_consumer``).
+
+Starts ``--subs`` subscribers (``coord.subscribe(session, follow=True)``) on one session in this
+one process, prints ``ready`` once all of them are attached, then records, for every ``token``
+event each subscriber receives, ``time.time_ns()`` minus the send time carried in the event's
+content. Once every subscriber has seen a run's terminal event (live, or replayed by a snapshot
+after a gap) it pushes the run id to ``--drained`` (a list, through a separate connection that
+``--control-url`` names differently), so the producer starts the next run on an idle consumer.
+A subscriber ends at the ``error`` terminal event that the producer ends its last run with; at
+``--deadline`` seconds the process gives up on those still behind. It writes a JSON summary per
+run id to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import sys
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+
+from runstate import Coordinator
+
+from .common import percentile
+
+
+async def consume(args: argparse.Namespace) -> dict[str, Any]:
+    lat: dict[str, list[int]] = {}
+    terminals: dict[str, int] = {}  # run id -> subscribers that saw its terminal event
+    gaps = 0
+    finished = 0
+    control = Redis.from_url(args.control_url, decode_responses=True)
+
+    async with Coordinator.from_url(args.url, prefix=args.prefix) as coord:
+
+        async def subscriber() -> None:
+            nonlocal gaps, finished
+            current = None
+            bucket: list[int] = []
+            async for item in coord.subscribe(args.session, follow=True):
+                event = item.event
+                if event.type == "token":
+                    now = time.time_ns()
+                    if item.run_id != current:
+                        current = item.run_id
+                        bucket = lat.setdefault(current, [])
+                    bucket.append(now - int(event.content))  # type: ignore[attr-defined]
+                elif event.is_terminal:
+                    seen = terminals[item.run_id] = terminals.get(item.run_id, 0) + 1
+                    if seen == args.subs:
+                        await control.rpush(args.drained, item.run_id)
+                    if event.type == "error":  # the end of the producer's last run
+                        finished += 1
+                        return
+                elif event.type == "gap":
+                    gaps += event.missed  # type: ignore[attr-defined]
+
+        tasks = [asyncio.create_task(subscriber()) for _ in range(args.subs)]
+        hub = coord._hub  # private, read only: how many subscribers are attached
+        deadline = time.monotonic() + 60
+        while hub.subscribers < args.subs:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {hub.subscribers} of {args.subs} subscribers attached")
+            await asyncio.sleep(0.01)
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        print("ready", flush=True)
+        _, pending = await asyncio.wait(tasks, timeout=args.deadline)
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    await control.aclose()
+
+    runs = {}
+    for run_id, values in lat.items():
+        ms = [v / 1e6 for v in values]
+        runs[run_id] = {
+            "n": len(ms),
+            "p50": percentile(ms, 50),
+            "p99": percentile(ms, 99),
+            "max": max(ms),
+        }
+    return {
+        "runs": runs,
+        "gaps": gaps,
+        "finished": finished,
+        "timed_out": len(pending),
+        "cpu_s": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--url", required=True)
+    p.add_argument("--prefix", required=True)
+    p.add_argument("--session", required=True)
+    p.add_argument("--subs", type=int, required=True)
+    p.add_argument("--deadline", type=float, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--control-url", required=True)
+    p.add_argument("--drained", required=True)
+    args = p.parse_args()
+    result = asyncio.run(consume(args))
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
