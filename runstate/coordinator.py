@@ -223,7 +223,7 @@ class Coordinator:
         outcome = await self.store.cancel(session_id, reason, parent=parent, nonce=uuid.uuid4().hex)
         if not outcome.cancelled or outcome.run_id is None:
             return False
-        await self.store.after_cancel(session_id, outcome.run_id, outcome.previous_status)
+        await self.store.after_cancel(session_id, outcome.run_id)
         for child in outcome.children:
             try:
                 await self._cancel(

@@ -146,7 +146,7 @@ def describe(exc: BaseException | None) -> str:
 NO_RETRY = RetryPolicy(attempts=1, deadline=0.0)
 
 
-async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+async def cancel_and_wait(task: asyncio.Future[Any]) -> None:
     """Cancel ``task`` and wait until it is done.
 
     Cancel again until it takes: on Python 3.11 a cancel that lands while redis-py connects
@@ -156,4 +156,4 @@ async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
         task.cancel()
         await asyncio.wait({task}, timeout=0.1)
     if not task.cancelled() and task.exception() is not None:
-        log.debug("task %s ended with %r", task.get_name(), task.exception())
+        log.debug("task %r ended with %r", task, task.exception())

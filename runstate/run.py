@@ -140,6 +140,15 @@ class RunHandle:
             exc, self._flush_error = self._flush_error, None
             raise exc
 
+    async def close(self) -> None:
+        """Stop the batch timer and wait for a batched write in flight (the run is over)."""
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+            await asyncio.gather(timer, return_exceptions=True)
+        async with self._lock:  # a flush that had already started finishes first
+            pass
+
     def _stop_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()

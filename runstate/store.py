@@ -84,12 +84,7 @@ class EncodedEvent(NamedTuple):
 
     type: str
     data: str
-    flags: str
-    tool_name: str
-    tool_phase: str
-    round_count: str
-    dedupe_field: str
-    dedupe_value: str
+    meta: str  # '' for a plain event; else the JSON of its flags, tool, round and dedupe
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,12 +172,14 @@ class Store:
             keys = self._key_cache[session_id] = self.keys.session_keys(session_id)
         return keys
 
-    async def _script(self, name: str, session_id: str, args: Sequence[Any]) -> list[Any]:
+    async def _script(
+        self, name: str, session_id: str, args: Sequence[Any], keys: int = 5
+    ) -> list[Any]:
         script = self._scripts[name]
-        keys = self._session_keys(session_id)
+        session_keys = self._session_keys(session_id)[:keys]
         try:
             result = await self.retry.call(
-                f"{name} {session_id!r}", lambda: script(keys=keys, args=list(args))
+                f"{name} {session_id!r}", lambda: script(keys=session_keys, args=list(args))
             )
         except rexc.ResponseError as exc:
             raise _wrong_type(exc, session_id, name) from exc
@@ -335,18 +332,21 @@ class Store:
             tool = event.tool_update()
             rounds = event.round_count_update()
             dedupe = event.dedupe() if event.is_critical else None
-            out.append(
-                EncodedEvent(
-                    event.type,
-                    dump_event(event, self.max_event_bytes),
-                    ("c" if event.is_critical else "") + ("b" if event.is_budget else ""),
-                    (tool[0] or "") if tool else "",
-                    tool[1] if tool else "",
-                    "" if rounds is None else str(rounds),
-                    dedupe[0] if dedupe else "",
-                    dedupe[1] if dedupe else "",
+            flags = ("c" if event.is_critical else "") + ("b" if event.is_budget else "")
+            meta = ""
+            if flags or tool or rounds is not None:
+                meta = json.dumps(
+                    [
+                        flags,
+                        (tool[0] or "") if tool else "",
+                        tool[1] if tool else "",
+                        "" if rounds is None else str(rounds),
+                        dedupe[0] if dedupe else "",
+                        dedupe[1] if dedupe else "",
+                    ],
+                    separators=(",", ":"),
                 )
-            )
+            out.append(EncodedEvent(event.type, dump_event(event, self.max_event_bytes), meta))
         return out
 
     async def emit(
@@ -376,7 +376,7 @@ class Store:
         ]
         for event in events:
             args += event
-        res = await self._script("emit", session_id, args)
+        res = await self._script("emit", session_id, args, keys=3)
         if res[0] == "ok":
             return list(res[1:])
         if res[0] == "seq":
@@ -442,21 +442,18 @@ class Store:
                 run_id,
                 parent,
                 self.cancel_marker_ttl,
+                self.keys.cancel_channel,
+                session_id,
             ],
         )
         if res[0] != "cancelled":
             return CancelOutcome(False, res[2] or None, res[1], [])
         return CancelOutcome(True, res[1], res[2], list(res[3:]))
 
-    async def after_cancel(self, session_id: str, run_id: str, was: str) -> None:
-        """The global side of a cancel: nudge the worker, drop the run from the indexes."""
-
-        def more(pipe: Any) -> None:
-            if was == "running":
-                pipe.publish(self.keys.cancel_channel, run_ref(session_id, run_id))
-            pipe.zrem(self.keys.schedule, run_ref(session_id, run_id))
-
-        await self.unindex(session_id, more)
+    async def after_cancel(self, session_id: str, run_id: str) -> None:
+        """The global side of a cancel (the nudge went out with the cancel itself)."""
+        schedule, member = self.keys.schedule, run_ref(session_id, run_id)
+        await self.unindex(session_id, lambda pipe: pipe.zrem(schedule, member))
 
     async def unindex(self, session_id: str, more: Callable[[Any], None] | None = None) -> None:
         """Drop a session whose run ended from the active index, unless a new run began.

@@ -125,6 +125,7 @@ class Hub:
         self._closed = False
         self._reads = asyncio.Semaphore(MAX_CONCURRENT_READS)
         self._snapshots: dict[str, asyncio.Future[Snapshot]] = {}
+        self._side_tasks: set[asyncio.Future[Any]] = set()
 
     @property
     def watched(self) -> int:
@@ -144,6 +145,7 @@ class Hub:
         pending = self._snapshots.get(session_id)
         if pending is None:
             pending = asyncio.ensure_future(self._read_snapshot(session_id))
+            self._track(pending)
             self._snapshots[session_id] = pending
             pending.add_done_callback(lambda _: self._snapshots.pop(session_id, None))
         return await asyncio.shield(pending)
@@ -158,6 +160,11 @@ class Hub:
         """A page of entries in ``(after, before]`` for a subscriber catching up."""
         async with self._reads:
             return await self._store.read_range(session_id, after, CATCH_UP_PAGE, before=before)
+
+    def _track(self, task: asyncio.Future[Any]) -> None:
+        """Keep a background task until it is done, so that closing can wait for it."""
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
 
     def attach(self, session_id: str, after: str) -> _Sub:
         if self._closed:
@@ -189,6 +196,8 @@ class Hub:
             for sub in watch.subs:
                 sub.fail(error)
         self._watches.clear()
+        for side in list(self._side_tasks):  # a kick or a shared snapshot still in flight
+            await cancel_and_wait(side)
         if self._task is not None:
             await cancel_and_wait(self._task)
         if self._conn is not None:
@@ -205,7 +214,7 @@ class Hub:
         if self._kicking or self._reading_gen < 0:
             return
         self._kicking = True
-        asyncio.get_running_loop().create_task(self._kick_reader())
+        self._track(asyncio.get_running_loop().create_task(self._kick_reader()))
 
     async def _kick_reader(self) -> None:
         try:
@@ -280,7 +289,7 @@ class Hub:
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, 2.0)
                 continue
-            except (rexc.ResponseError, UnicodeDecodeError) as exc:  # junk written by hand
+            except Exception as exc:  # junk written by hand: the reader must never die of it
                 await self._drop_broken_streams(exc)
                 continue
             wait = 0.05
@@ -306,7 +315,7 @@ class Hub:
             if parse_stream_id(last) > parse_stream_id(watch.cursor):
                 watch.cursor = last
 
-    async def _drop_broken_streams(self, exc: rexc.ResponseError | UnicodeDecodeError) -> None:
+    async def _drop_broken_streams(self, exc: Exception) -> None:
         """A key that is not a stream, or an entry that is not UTF-8 text (for a client that
         decodes strictly), fails the whole XREAD: fail its subscribers, keep the rest."""
         keys = self._store.keys

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
@@ -69,6 +68,7 @@ async def test_emit_writes_queued_tokens_first(coord: Coordinator, redis: Redis)
     await run.emit(ToolStart(tool_call_id="1", tool_name="search"))
     # Then the stream keeps the order they were given in
     assert [c for _, c in await contents(redis, coord)][1:] == ["a", "b", "tool_start"]
+    await run.close()
 
 
 async def test_queued_tokens_are_written_after_the_delay(coord: Coordinator, redis: Redis) -> None:
@@ -90,6 +90,7 @@ async def test_a_bad_event_is_refused_at_once_and_nothing_is_queued(coord: Coord
     with pytest.raises(UnknownEventType, match="'no_such_event'"):
         await run.stream({"type": "no_such_event"})
     assert await run.flush() == []
+    await run.close()
 
 
 async def test_a_cancelled_run_stops_streaming(coord: Coordinator, redis: Redis) -> None:
@@ -103,6 +104,6 @@ async def test_a_cancelled_run_stops_streaming(coord: Coordinator, redis: Redis)
     with pytest.raises(RunCancelled):
         await run.checkpoint()
         await run.stream(Token(content="y"))
+    await run.close()  # the run is over: its batched writes are settled
     types = [c for _, c in await contents(redis, coord)]
     assert types[-1] == "cancelled"
-    await asyncio.sleep(0)

@@ -209,7 +209,7 @@ class RunContext:
         reason = f"parent {self.session_id!r} stopped before the child was linked"
         outcome = await store.cancel(child.session_id, reason, run_id=child.run_id)
         if outcome.cancelled and outcome.run_id:
-            await store.after_cancel(child.session_id, outcome.run_id, outcome.previous_status)
+            await store.after_cancel(child.session_id, outcome.run_id)
 
     async def _watch(self, child: ChildRun) -> None:
         status = "unknown"

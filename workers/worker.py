@@ -439,6 +439,7 @@ class Worker:
             del self._running[key]
             running.finished.set()
             await asyncio.gather(task, return_exceptions=True)
+            await handle.close()  # a batched write of a cancelled run may still be in flight
             await ctx._close()
         log.info(
             "run ended: session=%s run=%s attempt=%d outcome=%s after %.2fs",

@@ -1,6 +1,6 @@
 -- Cancel the session's active run. Pending: cancelled at once, no worker will start it.
 -- Running: cancelled at once, the cancelled event written here, a durable marker set for the
--- worker (the caller then PUBLISHes the nudge). Nothing active: nothing changes.
+-- worker and the nudge published, all in this one script. Nothing active: nothing changes.
 -- KEYS[1..5] the session's keys (see _lib.lua)
 -- ARGV[1] now, ISO-8601 UTC
 -- ARGV[2] stream MAXLEN
@@ -10,6 +10,8 @@
 -- ARGV[6] only cancel this run_id ('' for whatever is active)
 -- ARGV[7] only cancel a run whose parent is this '<session> <run_id>' ('' for any)
 -- ARGV[8] cancel marker TTL seconds
+-- ARGV[9] the cancel channel (a channel, not a key: publishing stays Cluster-safe)
+-- ARGV[10] the session id; the nudge is '<session> <run_id>' (keys.run_ref's format)
 -- returns {'cancelled', run_id, previous_status, child...} | {'none', status, run_id}
 
 local h = redis.call('HMGET', RUNNER, 'run_id', 'status', 'cancel_nonce', 'parent', 'seq')
@@ -28,6 +30,7 @@ append(pos, ARGV[2], h[1], seq, 'cancelled', ARGV[4])
 save_position(pos)
 if h[2] == 'running' then
   redis.call('SET', CANCEL, h[1], 'EX', tonumber(ARGV[8]))
+  redis.call('PUBLISH', ARGV[9], ARGV[10] .. ' ' .. h[1])
 end
 local children = redis.call('SMEMBERS', CHILDREN)
 expire_session(ARGV[3])

@@ -6,9 +6,11 @@
 -- ARGV[4] now, ISO-8601 UTC
 -- ARGV[5] stream MAXLEN
 -- ARGV[6] critical list cap
--- ARGV[7] number of events N, then 8 values per event:
---   type, data JSON, flags ('c' critical, 'b' budget), tool name ('' keeps the last),
---   tool phase ('' for no tool event), round count (''), dedupe field (''), dedupe value
+-- ARGV[7] number of events N, then 3 values per event: type, data JSON, meta: '' for a plain
+--   event, else a JSON array [flags ('c' critical, 'b' budget), tool name ('' keeps the last),
+--   tool phase ('' for no tool event), round count ('' for none), dedupe field (''), dedupe
+--   value] (plain events, the tokens, carry no meta to decode)
+-- (only KEYS[1..3] are needed here, and only they are sent)
 -- returns {'ok', id...}        one id per event of the batch; events an earlier try of the
 --                              same batch already wrote are not written twice (their ids are
 --                              read back: they are the run's latest entries)
@@ -45,18 +47,23 @@ local n = tonumber(ARGV[7])
 for i = 0, n - 1 do
   local s = first + i
   if s > seq then
-    local b = 8 + i * 8
-    local etype, data, flags = ARGV[b], ARGV[b + 1], ARGV[b + 2]
+    local b = 8 + i * 3
+    local etype, data, meta = ARGV[b], ARGV[b + 1], ARGV[b + 2]
+    local flags, tool_name, tool_phase, rounds, dfield, dvalue = '', '', '', '', '', ''
+    if meta ~= '' then
+      local m = cjson.decode(meta)
+      flags, tool_name, tool_phase, rounds, dfield, dvalue = m[1], m[2], m[3], m[4], m[5], m[6]
+    end
     ids[#ids + 1] = append(pos, ARGV[5], ARGV[1], s, etype, data)
     seq = s
-    if ARGV[b + 4] ~= '' then
-      if ARGV[b + 3] ~= '' then diag['last_tool_name'] = ARGV[b + 3] end
-      diag['last_tool_phase'] = ARGV[b + 4]
+    if tool_phase ~= '' then
+      if tool_name ~= '' then diag['last_tool_name'] = tool_name end
+      diag['last_tool_phase'] = tool_phase
     end
-    if ARGV[b + 5] ~= '' then diag['round_count'] = ARGV[b + 5] end
+    if rounds ~= '' then diag['round_count'] = rounds end
     if string.find(flags, 'b', 1, true) then diag['last_budget_event'] = data end
     if string.find(flags, 'c', 1, true) then
-      local field, value = ARGV[b + 6], ARGV[b + 7]
+      local field, value = dfield, dvalue
       if field ~= '' then
         for _, old in ipairs(redis.call('LRANGE', CRITICAL, 0, -1)) do
           local ok, decoded = pcall(cjson.decode, old)
