@@ -202,6 +202,49 @@ async def test_sigterm_drains_and_exits_0(rcoord: Coordinator, start_process: St
     assert "stopping (received SIGTERM)" in w.output()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_a_first_signal_of_either_kind_drains(
+    rcoord: Coordinator, start_process: StartProcess, sig: signal.Signals
+) -> None:
+    # Given a worker with a run in flight
+    w = start_process("w-sig", "--shutdown-grace", "20")
+    await registered(rcoord, w)
+    await rcoord.execute("sig-1", {"steps": 10, "delay": 0.05})
+    await wait_status(rcoord, "sig-1", "running")
+    # When it gets SIGINT (Ctrl-C) or SIGTERM
+    w.proc.send_signal(sig)
+    # Then it finishes the run and exits 0
+    assert w.wait() == 0, w.output()
+    state = await rcoord.runner("sig-1")
+    assert state is not None and state.status == "completed"
+    assert f"stopping (received {sig.name})" in w.output()
+
+
+def test_without_a_url_the_worker_starts_an_embedded_server(tmp_path: Path) -> None:
+    # Given no --redis-url and no RUNSTATE_REDIS_URL
+    log = tmp_path / "w.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workers", "tests.agents.basic:agent", "--log-level", "INFO"],
+            cwd=ROOT,
+            env=worker_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        # Then it says it uses a private embedded server, and runs until stopped
+        deadline = time.monotonic() + 20
+        while "using an embedded server at redis://" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 async def test_sigterm_past_the_grace_period_requeues_and_a_second_signal_exits_at_once(
     rcoord: Coordinator, start_process: StartProcess
 ) -> None:
