@@ -72,7 +72,7 @@ async def agent_task(run: RunHandle, rounds: int, delay: float) -> str:
 
 async def watch(coord: Coordinator, session: str, name: str, out: TextIO) -> int:
     count = 0
-    async for item in coord.subscribe(session):
+    async for item in coord.subscribe(session, last_event_id="0"):  # the run from its start
         count += 1
         if item.event.type == "token":
             continue  # too chatty to print; counted
@@ -179,7 +179,7 @@ async def stream_live(coord: Coordinator, session: str, out: TextIO) -> None:
     """Print one session's events as they arrive: tokens inline, everything else on its line."""
     inline = False
     dim = out.isatty()  # reasoning tokens dimmed on a terminal
-    async for item in coord.subscribe(session):
+    async for item in coord.subscribe(session, last_event_id="0"):  # the run from its start
         event = item.event
         if event.type in ("token", "reasoning_token"):
             text = getattr(event, "content", "")
