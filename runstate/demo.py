@@ -72,7 +72,7 @@ async def agent_task(run: RunHandle, rounds: int, delay: float) -> str:
 
 async def watch(coord: Coordinator, session: str, name: str, out: TextIO) -> int:
     count = 0
-    async for item in coord.subscribe(session, last_event_id="0"):  # the run from its start
+    async for item in coord.subscribe(session):  # a new subscriber: replay, then live
         count += 1
         if item.event.type == "token":
             continue  # too chatty to print; counted
