@@ -127,8 +127,10 @@ class CancelWatcher:
                 log.error("cancel listener failed: %r; retrying in %.2fs", exc, wait)
             finally:
                 self.listening.clear()
+                # Shielded: closing must finish even if we are being cancelled, or the
+                # connection is left open until garbage collection.
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
             await asyncio.sleep(wait)
             wait = min(wait * 2, 2.0)
 

@@ -154,6 +154,8 @@ async def cancel_and_wait(task: asyncio.Future[Any]) -> None:
     """
     while not task.done():
         task.cancel()
-        await asyncio.wait({task}, timeout=0.1)
+        # Wait a while before cancelling again: a second cancel would interrupt the task's own
+        # cleanup (closing a connection in a finally block) and leak what it was closing.
+        await asyncio.wait({task}, timeout=1.0)
     if not task.cancelled() and task.exception() is not None:
         log.debug("task %r ended with %r", task, task.exception())
