@@ -23,28 +23,13 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import pytest
 
 from runstate.cli import main as cli_main
-from runstate.config import ENV_PREFIX, ENV_URL
+from tests.agents.helpers import FAST_ARGS, worker_env
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 APP = "tests.agents.basic:agent"
-# Knobs that keep a worker process quick to notice things in tests.
-FAST_WORKER = [
-    "--heartbeat-interval",
-    "0.1",
-    "--lost-after",
-    "2.0",
-    "--reaper-interval",
-    "0.2",
-    "--scan-interval",
-    "0.5",
-    "--schedule-interval",
-    "0.05",
-    "--block-ms",
-    "200",
-    "--shutdown-grace",
-    "5",
-]
+# The shared quick knobs, with a longer lost-after and a short drain (argparse: last one wins).
+FAST_WORKER = [*FAST_ARGS, "--lost-after", "2.0", "--shutdown-grace", "5"]
 
 
 def in_ci() -> bool:
@@ -54,10 +39,7 @@ def in_ci() -> bool:
 
 def child_env(**extra: str) -> dict[str, str]:
     """This process's environment without runstate's settings, unbuffered, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if k not in (ENV_URL, ENV_PREFIX)}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
+    return {**worker_env(), **extra}
 
 
 def with_credentials(url: str, user: str, password: str) -> str:

@@ -202,7 +202,8 @@ def run() -> list[Section]:
         ),
     ]
     section.notes.append(
-        f"The `coord.cancel()` call itself (the cancel script, which publishes the nudge, then the index update) "
+        "The `coord.cancel()` call itself (the cancel script, which publishes the nudge, "
+        f"then the index update) "
         f"takes {fmt_ms(pubsub['cancel_call_p50'])} at p50; slowest cancel seen: "
         f"{fmt_ms(pubsub['max'])} with pub/sub, {fmt_ms(polled['max'])} polling, raw "
         f"{fmt_ms(raw['max'])}."
