@@ -109,8 +109,11 @@ class CancelWatcher:
         wait = 0.05
         channel = self._store.keys.cancel_channel
         while True:
-            pubsub = self._pubsub = self._store.client.pubsub(ignore_subscribe_messages=True)
+            pubsub = None
             try:
+                if self._store.cluster:  # its pub/sub needs the slot map the first command loads
+                    await self._store.client.initialize()
+                pubsub = self._pubsub = self._store.client.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(channel)
                 self.listening.set()
                 wait = 0.05
@@ -129,8 +132,9 @@ class CancelWatcher:
                 self.listening.clear()
                 # Shielded: closing must finish even if we are being cancelled, or the
                 # connection is left open until garbage collection.
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
             await asyncio.sleep(wait)
             wait = min(wait * 2, 2.0)
 

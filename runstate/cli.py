@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -21,7 +22,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from .config import load_settings
+from .config import ENV_CLUSTER, load_settings
 from .coordinator import Coordinator
 from .embedded import redis_url_or_embedded
 from .errors import RedisUnavailable, RunstateError
@@ -205,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--redis-url", help="Redis URL (default: $RUNSTATE_REDIS_URL)")
     parser.add_argument("--prefix", help="key prefix (default: $RUNSTATE_PREFIX or 'runstate')")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help=f"the URL names a node of a Redis Cluster (same as {ENV_CLUSTER}=1)",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     # --json is also accepted after the command (`runstate ls --json`)
     common = argparse.ArgumentParser(add_help=False)
@@ -373,8 +379,10 @@ async def _run_ops(command: Command, args: argparse.Namespace, url: str, prefix:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = load_settings(args.redis_url, args.prefix)
+    if args.cluster:  # the environment carries it to every Coordinator this process makes
+        os.environ[ENV_CLUSTER] = "1"
     try:
+        settings = load_settings(args.redis_url, args.prefix)
         if args.command == "demo":
             from .demo import run_local_demo, run_worker_demo
 

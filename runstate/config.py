@@ -16,6 +16,7 @@ from .keys import DEFAULT_PREFIX
 
 __all__ = [
     "DEFAULT_PREFIX",
+    "ENV_CLUSTER",
     "ENV_PREFIX",
     "ENV_URL",
     "Settings",
@@ -29,6 +30,13 @@ ENV_PREFIX = "RUNSTATE_PREFIX"
 """Environment variable holding the key prefix for every key runstate writes."""
 
 
+ENV_CLUSTER = "RUNSTATE_REDIS_CLUSTER"
+"""Environment variable: ``1`` / ``true`` / ``yes`` when the URL names a node of a Redis Cluster."""
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Resolved connection settings.
@@ -37,10 +45,12 @@ class Settings:
         redis_url: URL of the Redis-compatible server, or ``None`` when none was
             configured (callers may then start an embedded server).
         prefix: Namespace prefix for all keys.
+        cluster: whether the server is a Redis Cluster (reached through the cluster client).
     """
 
     redis_url: str | None
     prefix: str
+    cluster: bool = False
 
 
 def _env(name: str, environ: Mapping[str, str]) -> str | None:
@@ -49,21 +59,35 @@ def _env(name: str, environ: Mapping[str, str]) -> str | None:
     return value if value else None
 
 
-def load_settings(redis_url: str | None = None, prefix: str | None = None) -> Settings:
+def load_settings(
+    redis_url: str | None = None, prefix: str | None = None, cluster: bool | None = None
+) -> Settings:
     """Resolve settings from arguments, then the environment, then defaults.
 
     Args:
         redis_url: Explicit Redis URL; overrides ``RUNSTATE_REDIS_URL``.
         prefix: Explicit key prefix; overrides ``RUNSTATE_PREFIX``.
+        cluster: Explicit cluster mode; overrides ``RUNSTATE_REDIS_CLUSTER``.
 
     Returns:
         The resolved :class:`Settings`. ``redis_url`` is ``None`` when neither
         the argument nor the environment provides one.
+
+    Raises:
+        ValueError: ``RUNSTATE_REDIS_CLUSTER`` is set to something that is not a yes or a no.
     """
     environ = os.environ
     url = redis_url if redis_url is not None else _env(ENV_URL, environ)
     resolved_prefix = prefix if prefix is not None else _env(ENV_PREFIX, environ)
+    if cluster is None:
+        flag = (_env(ENV_CLUSTER, environ) or "0").strip().lower()
+        if flag not in _TRUE | _FALSE:
+            raise ValueError(
+                f"{ENV_CLUSTER} must be 1/true/yes or 0/false/no, got {environ[ENV_CLUSTER]!r}"
+            )
+        cluster = flag in _TRUE
     return Settings(
         redis_url=url,
         prefix=resolved_prefix if resolved_prefix is not None else DEFAULT_PREFIX,
+        cluster=cluster,
     )

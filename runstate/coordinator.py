@@ -10,9 +10,10 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 
 from .cancellation import CancelWatcher
+from .client import client_option, connect
 from .config import load_settings
 from .errors import RedisUnavailable, RunstateError
 from .events import DEFAULT_MAX_EVENT_BYTES, StreamEvent
@@ -24,8 +25,6 @@ from .store import DEFAULT_CRITICAL_CAP, DEFAULT_MAXLEN, DEFAULT_RETENTION, Stor
 from .subscription import Hub, subscribe
 
 log = logging.getLogger(__name__)
-
-DEFAULT_SOCKET_TIMEOUT = 10.0
 
 
 class Coordinator:
@@ -63,9 +62,7 @@ class Coordinator:
         cancel_poll_interval: float = 1.0,
         owns_client: bool = False,
     ) -> None:
-        kwargs = getattr(client, "connection_pool", None)
-        decode = getattr(kwargs, "connection_kwargs", {}).get("decode_responses", True)
-        if not decode:
+        if not client_option(client, "decode_responses", True):
             raise ValueError("runstate needs a Redis client created with decode_responses=True")
         self.client = client
         self.keys = Keys(prefix)
@@ -90,6 +87,7 @@ class Coordinator:
         prefix: str | None = None,
         *,
         max_connections: int = 64,
+        cluster: bool | None = None,
         **kwargs: Any,
     ) -> Coordinator:
         """A Coordinator on its own connection pool.
@@ -98,32 +96,23 @@ class Coordinator:
             url: ``redis://``, ``rediss://`` or ``unix://`` URL; defaults to
                 ``$RUNSTATE_REDIS_URL``.
             prefix: key prefix; defaults to ``$RUNSTATE_PREFIX``, then ``runstate``.
-            max_connections: the size of the connection pool (callers wait for a free one).
+            max_connections: the size of the connection pool (callers wait for a free one);
+                on a cluster, per node.
+            cluster: the URL names a node of a Redis Cluster; defaults to
+                ``$RUNSTATE_REDIS_CLUSTER``, then False.
             kwargs: passed on to :class:`Coordinator`.
 
         Raises:
             ValueError: no URL given and none in the environment.
         """
-        settings = load_settings(url, prefix)
+        settings = load_settings(url, prefix, cluster)
         if not settings.redis_url:
             raise ValueError(
                 "no Redis URL: pass one (e.g. 'redis://localhost:6379/0') or set RUNSTATE_REDIS_URL"
             )
-        # A blocking pool: a burst of concurrent operations waits for a connection instead of
-        # failing, and the process never holds more than max_connections.
-        pool = BlockingConnectionPool.from_url(
-            settings.redis_url,
-            max_connections=max_connections,
-            timeout=DEFAULT_SOCKET_TIMEOUT,
-            decode_responses=True,
-            # Bytes written by hand that are not UTF-8 read as U+FFFD (and are then skipped as
-            # junk) instead of failing the whole reply they are in.
-            encoding_errors="replace",
-            socket_connect_timeout=5.0,
-            socket_timeout=DEFAULT_SOCKET_TIMEOUT,
-            health_check_interval=30,
+        client = connect(
+            settings.redis_url, cluster=settings.cluster, max_connections=max_connections
         )
-        client = Redis.from_pool(pool)  # closing the client closes the pool too
         return cls(client, prefix=settings.prefix, owns_client=True, **kwargs)
 
     @property

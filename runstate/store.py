@@ -20,6 +20,7 @@ from redis import exceptions as rexc
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+from .client import is_cluster
 from .errors import EventTooLarge, RunCancelled, RunstateError, RunSuperseded, StaleRunError
 from .events import DEFAULT_MAX_EVENT_BYTES, AgentEvent, StreamEvent, dump_event, parse_event
 from .keys import QUEUE_GROUP, Keys, run_ref, validate_session_id
@@ -159,6 +160,8 @@ class Store:
         self.max_event_bytes = max_event_bytes
         self.cancel_marker_ttl = cancel_marker_ttl or max(retention, 3600)
         self.retry = retry or RetryPolicy()
+        # A Redis Cluster client: one command may only name keys of one slot (DESIGN §5).
+        self.cluster = is_cluster(client)
         self._key_cache: dict[str, list[str]] = {}
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(load_lua(name)) for name in SCRIPTS
@@ -200,7 +203,7 @@ class Store:
         async def go() -> list[Any]:
             for _ in range(2):
                 async with self.client.pipeline(transaction=False) as pipe:
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
                     more(pipe)
                     results = await pipe.execute(raise_on_error=False)
                 if isinstance(results[0], rexc.NoScriptError):

@@ -5,6 +5,11 @@ this process, decodes each entry once and hands it to every local subscriber's b
 When the set of watched streams changes, the blocked read is woken with ``CLIENT UNBLOCK`` (or,
 where that is not allowed, by cancelling it).
 
+On a Redis Cluster one command may only name keys of one slot, and every session has its own
+slot, so no single blocking read can cover them: there the reader polls instead, one pipeline
+of non-blocking ``XREAD`` per round (redis-py sends each node its share at once), again at once
+while events keep coming and backing off to ``cluster_poll_ms`` when they stop.
+
 Each subscriber checks the ordinal in every event id (``<ms>-<n>``, n counting the session's
 events), so it knows exactly how many events it did not get: if events were trimmed away before
 it read them, it is told with a ``gap`` event carrying that number, then gets the snapshot replay
@@ -16,12 +21,14 @@ the events it missed have been trimmed meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
 from redis import exceptions as rexc
+from redis.crc import key_slot
 
 from .errors import RunstateError
 from .events import Gap, StreamEvent
@@ -101,13 +108,27 @@ class Hub:
         buffer: how many undelivered events one subscriber may hold before it must catch up
             from Redis by itself.
         count: the most entries read per stream per XREAD.
+        cluster_poll_ms: on a Redis Cluster, the longest pause between two polls (the delivery
+            latency of an event that follows a quiet spell).
     """
 
     def __init__(
-        self, store: Store, *, block_ms: int = 5000, buffer: int = 1024, count: int = 1000
+        self,
+        store: Store,
+        *,
+        block_ms: int = 5000,
+        buffer: int = 1024,
+        count: int = 1000,
+        cluster_poll_ms: float = 20.0,
     ) -> None:
         if buffer < 1:
             raise ValueError(f"subscriber buffer must be at least 1, got {buffer!r}")
+        if cluster_poll_ms <= 0:
+            raise ValueError(f"cluster_poll_ms must be positive, got {cluster_poll_ms!r}")
+        self._cluster = store.cluster
+        self._poll_max = cluster_poll_ms / 1000
+        self._poll_wait = 0.0
+        self._wake = asyncio.Event()
         self._store = store
         self._block_ms = block_ms
         self._buffer = buffer
@@ -211,6 +232,10 @@ class Hub:
 
     def _kick(self) -> None:
         """Wake an XREAD blocked on an older set of streams so that it reads the new one too."""
+        if self._cluster:
+            self._poll_wait = 0.0
+            self._wake.set()
+            return
         if self._kicking or self._reading_gen < 0:
             return
         self._kicking = True
@@ -253,6 +278,11 @@ class Hub:
             reading = dict(self._watches)  # the watches this read is for, at their cursors
             streams = {keys.events(sid): w.cursor for sid, w in reading.items()}
             try:
+                if self._cluster:
+                    result = await self._poll(streams)
+                    self._dispatch(result, reading)
+                    wait = 0.05
+                    continue
                 if self._conn is None:
                     self._conn = self._store.client.client()
                 if self._reader_id is None and self._unblock_works:
@@ -294,6 +324,28 @@ class Hub:
                 continue
             wait = 0.05
             self._dispatch(result, reading)
+
+    async def _poll(self, streams: dict[str, str]) -> list[Any]:
+        """One round of non-blocking reads on a cluster, one XREAD per slot; when it finds
+        nothing, a pause (woken early by a new watch) that doubles up to ``cluster_poll_ms``."""
+        by_slot: dict[int, dict[Any, Any]] = {}
+        for key, cursor in streams.items():
+            by_slot.setdefault(key_slot(key.encode()), {})[key] = cursor
+        async with self._store.client.pipeline(transaction=False) as pipe:
+            for group in by_slot.values():
+                pipe.xread(group, count=self._count)
+            replies = await pipe.execute()
+        found: list[Any] = []
+        for reply in replies:
+            found.extend(reply.items() if isinstance(reply, dict) else reply or [])
+        if any(entries for _, entries in found):
+            self._poll_wait = 0.0
+            return found
+        self._poll_wait = min(max(self._poll_wait * 2, 0.001), self._poll_max)
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), self._poll_wait)
+        return found
 
     def _dispatch(self, result: Any, reading: dict[str, _Watch]) -> None:
         items = result.items() if isinstance(result, dict) else result or []

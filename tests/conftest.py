@@ -2,9 +2,11 @@
 
 * ``redis_url`` (session): ``$REDIS_URL`` if set, else a private
   :class:`runstate.embedded.EmbeddedServer` started once for the session.
-* ``redis`` (function, parametrised ``fake`` / ``real``): an async client with
+* ``cluster_url`` (session): a private 3-master Redis Cluster
+  (:class:`runstate.embedded_cluster.EmbeddedCluster`), started once for the session.
+* ``redis`` (function, parametrised ``fake`` / ``real`` / ``cluster``): an async client with
   ``decode_responses=True``; ``fake`` is fakeredis with Lua (lupa), ``real``
-  talks to ``redis_url``.
+  talks to ``redis_url``, ``cluster`` is redis-py's cluster client on ``cluster_url``.
 * ``real_redis``: only the real client (for tests that span processes).
 * ``prefix``: a random key prefix per test, so tests never FLUSHALL and can run
   in parallel; keys under it on the real server are deleted afterwards.
@@ -35,7 +37,7 @@ import redis.asyncio as aioredis
 if TYPE_CHECKING:
     from runstate import Coordinator
 
-_REAL_FIXTURES = frozenset({"real_redis", "redis_url"})
+_REAL_FIXTURES = frozenset({"real_redis", "redis_url", "cluster_url", "cluster_redis"})
 
 
 def _in_ci() -> bool:
@@ -46,7 +48,7 @@ def _in_ci() -> bool:
 def _uses_real_server(item: Any) -> bool:
     """True if a test item (or fixture request) touches the real server."""
     callspec = getattr(item, "callspec", None)
-    if callspec is not None and callspec.params.get("redis") == "real":
+    if callspec is not None and callspec.params.get("redis") in ("real", "cluster"):
         return True
     return bool(_REAL_FIXTURES.intersection(item.fixturenames))
 
@@ -82,12 +84,44 @@ def redis_url() -> Iterator[str]:
         server.stop()
 
 
-@pytest.fixture(params=["fake", "real"])
-async def redis(request: pytest.FixtureRequest) -> AsyncIterator[aioredis.Redis]:
-    """An async client with ``decode_responses=True``: fakeredis or the real server."""
-    client: aioredis.Redis
+@pytest.fixture(scope="session")
+def cluster_url() -> Iterator[str]:
+    """URL of one node of a private 3-master Redis Cluster shared by the whole session."""
+    from runstate.embedded_cluster import EmbeddedCluster
+
+    cluster = EmbeddedCluster()
+    try:
+        cluster.start()
+    except RuntimeError as exc:
+        message = f"cannot start a Redis Cluster: {exc}"
+        if _in_ci():
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    try:
+        yield cluster.url
+        # No command of the whole session was refused for naming keys of several slots.
+        refused = {}
+        for node in cluster.nodes:
+            with redis_sync.Redis(port=node.port, decode_responses=True) as client:
+                stats = client.info("errorstats")
+            refused.update({f"{node.port} {k}": v for k, v in stats.items() if "CROSSSLOT" in k})
+        if refused:
+            pytest.fail(f"the cluster refused commands across slots: {refused}", pytrace=False)
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["fake", "real", "cluster"])
+async def redis(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """An async client with ``decode_responses=True``: fakeredis, the real server or the
+    cluster (through redis-py's cluster client)."""
+    client: Any
     if request.param == "fake":
         client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=True)
+    elif request.param == "cluster":
+        client = aioredis.RedisCluster.from_url(
+            request.getfixturevalue("cluster_url"), decode_responses=True
+        )
     else:
         url: str = request.getfixturevalue("redis_url")
         client = aioredis.Redis.from_url(url, decode_responses=True)
@@ -112,15 +146,32 @@ def prefix(request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh key prefix; its keys on the real server are removed afterwards."""
     value = "t" + uuid.uuid4().hex[:10]
     url: str | None = None
+    cluster = False
     if _uses_real_server(request.node):
-        url = request.getfixturevalue("redis_url")
+        callspec = getattr(request.node, "callspec", None)
+        cluster = callspec is not None and callspec.params.get("redis") == "cluster"
+        cluster = cluster or "cluster_url" in request.node.fixturenames
+        url = request.getfixturevalue("cluster_url" if cluster else "redis_url")
     yield value
     if url is not None:
-        _delete_prefix(url, value)
+        _delete_prefix(url, value, cluster)
 
 
-def _delete_prefix(url: str, prefix: str) -> None:
-    """Best-effort removal of every ``{prefix}:*`` key, using SCAN (never KEYS)."""
+def _delete_prefix(url: str, prefix: str, cluster: bool = False) -> None:
+    """Best-effort removal of every ``{prefix}:*`` key, using SCAN (never KEYS); on a cluster
+    one key at a time (UNLINK of several keys must stay in one slot)."""
+    if cluster:
+        try:
+            with redis_sync.Redis.from_url(url, socket_timeout=5, decode_responses=True) as client:
+                text = client.execute_command("CLUSTER", "NODES")
+            for line in text.splitlines():  # "<id> <host>:<port>@<bus port> ..."
+                host, port = line.split()[1].split("@")[0].rsplit(":", 1)
+                with redis_sync.Redis(host=host, port=int(port), socket_timeout=5) as node:
+                    for key in node.scan_iter(match=f"{prefix}:*", count=1000):
+                        node.unlink(key)
+        except (redis_sync.RedisError, OSError):
+            pass
+        return
     try:
         with redis_sync.Redis.from_url(url, socket_timeout=5) as client:
             batch: list[Any] = []

@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
 import pytest
-import redis.asyncio as aioredis
 from redis.asyncio import Redis
 
 from runstate import (
@@ -35,6 +34,7 @@ from runstate.events import (
     register_event,
 )
 from tests.helpers import (
+    client_like,
     data_of,
     entries,
     eventually,
@@ -117,11 +117,7 @@ def test_bad_prefix_is_refused(redis: Redis, bad: str) -> None:
 
 async def test_client_without_decode_responses_is_refused(redis: Redis, prefix: str) -> None:
     # Given a client of the same server that returns bytes
-    kwargs = {**redis.connection_pool.connection_kwargs, "decode_responses": False}
-    pool = aioredis.ConnectionPool(
-        connection_class=redis.connection_pool.connection_class, **kwargs
-    )
-    raw = aioredis.Redis(connection_pool=pool)
+    raw = client_like(redis, decode_responses=False)
     try:
         # When a Coordinator is made on it
         # Then it is refused with a message that says what to do
@@ -129,7 +125,6 @@ async def test_client_without_decode_responses_is_refused(redis: Redis, prefix: 
             Coordinator(raw, prefix=prefix)
     finally:
         await raw.aclose()
-        await pool.aclose()
 
 
 # ---- events ----------------------------------------------------------------------------------

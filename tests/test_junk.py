@@ -20,7 +20,6 @@ from typing import Any
 
 import httpx
 import pytest
-import redis.asyncio as aioredis
 from redis.asyncio import Redis
 
 from runstate import Coordinator, Reserved, RunHandle, RunstateError, StreamEvent
@@ -31,7 +30,7 @@ from runstate.queue import Queue, now_ms
 from runstate.store import Claimed
 from tests.agents import basic
 from tests.agents.helpers import wait_status
-from tests.helpers import eventually
+from tests.helpers import client_like, eventually
 from tests.security_support import Process, Processes, processes, run_cli
 from workers import Worker
 from workers.reaper import reap_once
@@ -50,23 +49,16 @@ WORKER_KNOBS: dict[str, Any] = {
 }
 
 
-def _client_like(redis: Redis, **options: Any) -> Redis:
-    """A client of the same server as ``redis`` (fake or real), with other options."""
-    pool = redis.connection_pool
-    kwargs = {**pool.connection_kwargs, **options}
-    return aioredis.Redis.from_pool(type(pool)(connection_class=pool.connection_class, **kwargs))
-
-
 def raw_client(redis: Redis) -> Redis:
     """A client of the same server that does not decode: for writing bytes."""
-    return _client_like(redis, decode_responses=False)
+    return client_like(redis, decode_responses=False)
 
 
 @pytest.fixture
 async def jcoord(redis: Redis, prefix: str) -> AsyncIterator[Coordinator]:
     """A Coordinator whose client decodes like :meth:`Coordinator.from_url`'s (bytes that are
     not UTF-8 read as U+FFFD), on the same server as ``redis``."""
-    client = _client_like(redis, encoding_errors="replace")
+    client = client_like(redis, encoding_errors="replace")
     coord = Coordinator(client, prefix=prefix)
     try:
         yield coord

@@ -237,6 +237,10 @@ def test_without_a_url_the_worker_starts_an_embedded_server(tmp_path: Path) -> N
         while "using an embedded server at redis://" not in log.read_text():
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
+        # (once it has started: a signal before its handlers are installed ends it at once)
+        while " started: prefix=" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0, log.read_text()
     finally:

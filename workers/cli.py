@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from runstate import Coordinator
-from runstate.config import ENV_PREFIX, ENV_URL, load_settings
+from runstate.config import ENV_CLUSTER, ENV_PREFIX, ENV_URL, load_settings
 from runstate.embedded import redis_url_or_embedded
 
 from .context import Agent
@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("app", help="the run function, as 'module:function'")
     p.add_argument("--redis-url", help=f"Redis URL (default: ${ENV_URL}, else embedded)")
     p.add_argument("--prefix", help=f"key prefix (default: ${ENV_PREFIX}, else 'runstate')")
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help=f"the URL names a node of a Redis Cluster (same as {ENV_CLUSTER}=1)",
+    )
     p.add_argument("--concurrency", type=COUNT, default=10, help="runs at once (default 10)")
     p.add_argument("--worker-id", help="this worker's id (default <host>-<pid>-<random>)")
     p.add_argument("--heartbeat-interval", type=SECONDS, default=5.0, metavar="S")
@@ -156,7 +161,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AppPathError as exc:
         print(f"python -m workers: error: {exc}", file=sys.stderr)
         return 2
-    settings = load_settings(args.redis_url, args.prefix)
+    if args.cluster:  # the environment carries it to every Coordinator this process makes
+        os.environ[ENV_CLUSTER] = "1"
+    try:
+        settings = load_settings(args.redis_url, args.prefix)
+    except ValueError as exc:
+        print(f"python -m workers: error: {exc}", file=sys.stderr)
+        return 2
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(redis_url_or_embedded(settings.redis_url))
         if not settings.redis_url:

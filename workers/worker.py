@@ -45,6 +45,7 @@ from runstate import (
     RunSuperseded,
     StaleRunError,
 )
+from runstate.client import client_option
 from runstate.events import JSONObject
 from runstate.keys import validate_worker_id
 from runstate.queue import Queue, QueueEntry, RunOwner
@@ -586,8 +587,7 @@ class Worker:
 
 
 def _socket_timeout(coord: Coordinator) -> float | None:
-    pool = getattr(coord.client, "connection_pool", None)
-    value = getattr(pool, "connection_kwargs", {}).get("socket_timeout")
+    value = client_option(coord.client, "socket_timeout")
     return float(value) if isinstance(value, int | float) else None
 
 

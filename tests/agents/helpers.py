@@ -152,14 +152,16 @@ def start_worker(
     *extra: str,
     app: str = APP,
     fast: bool = True,
+    env: dict[str, str] | None = None,
 ) -> WorkerProcess:
-    """Start ``python -m workers APP`` with id ``name`` (``FAST_ARGS`` first, then ``extra``)."""
+    """Start ``python -m workers APP`` with id ``name`` (``FAST_ARGS`` first, then ``extra``;
+    ``env`` added to the environment)."""
     log = log_dir / f"{name}.log"
     cmd = [sys.executable, "-m", "workers", app, "--redis-url", redis_url, "--prefix", prefix]
     cmd += [*(FAST_ARGS if fast else []), "--worker-id", name, *extra]
     with log.open("ab") as out:  # the child has its own copy of the descriptor
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=worker_env(), stdout=out, stderr=subprocess.STDOUT
+            cmd, cwd=ROOT, env={**worker_env(), **(env or {})}, stdout=out, stderr=subprocess.STDOUT
         )
     return WorkerProcess(proc, name, log)
 

@@ -1,0 +1,55 @@
+"""Making the redis-py client runstate works through, for one server or for a Redis Cluster.
+
+Everything runstate sends works on both: per-session keys share a hash tag, scripts name their
+keys in KEYS, and multi-slot work goes through pipelines that redis-py's cluster client splits
+by node. What differs is only how the client is made and inspected, which is all here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+
+__all__ = ["DEFAULT_SOCKET_TIMEOUT", "client_option", "connect", "is_cluster"]
+
+DEFAULT_SOCKET_TIMEOUT = 10.0
+
+_OPTIONS: dict[str, Any] = {
+    "decode_responses": True,
+    # Bytes written by hand that are not UTF-8 read as U+FFFD (and are then skipped as junk)
+    # instead of failing the whole reply they are in.
+    "encoding_errors": "replace",
+    "socket_connect_timeout": 5.0,
+    "socket_timeout": DEFAULT_SOCKET_TIMEOUT,
+    "health_check_interval": 30,
+}
+
+
+def connect(url: str, *, cluster: bool = False, max_connections: int = 64) -> Any:
+    """An asyncio client for ``url``: a :class:`~redis.asyncio.Redis` on a blocking pool of
+    ``max_connections``, or with ``cluster`` a :class:`~redis.asyncio.RedisCluster` that
+    discovers the other nodes from this one (``max_connections`` per node)."""
+    if cluster:
+        return RedisCluster.from_url(url, max_connections=max_connections, **_OPTIONS)
+    # A blocking pool: a burst of concurrent operations waits for a connection instead of
+    # failing, and the process never holds more than max_connections.
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=DEFAULT_SOCKET_TIMEOUT, **_OPTIONS
+    )
+    return Redis.from_pool(pool)  # closing the client closes the pool too
+
+
+def is_cluster(client: Any) -> bool:
+    """Whether ``client`` is redis-py's cluster client."""
+    return isinstance(client, RedisCluster)
+
+
+def client_option(client: Any, name: str, default: Any = None) -> Any:
+    """A connection option (e.g. ``socket_timeout``) of a plain or a cluster client."""
+    if is_cluster(client):
+        if name == "decode_responses":
+            return client.get_encoder().decode_responses
+        return client.get_connection_kwargs().get(name, default)
+    pool = getattr(client, "connection_pool", None)
+    return getattr(pool, "connection_kwargs", {}).get(name, default)
