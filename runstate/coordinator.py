@@ -22,7 +22,7 @@ from .models import Reserved, ReserveResult, RunnerState, RunStatus
 from .retry import RetryPolicy
 from .run import RunHandle
 from .store import DEFAULT_CRITICAL_CAP, DEFAULT_MAXLEN, DEFAULT_RETENTION, Store
-from .subscription import Hub, subscribe
+from .subscription import Hub, subscribe, subscribe_batches
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +251,17 @@ class Coordinator:
         """
         validate_session_id(session_id)
         return subscribe(self._hub, session_id, last_event_id, follow=follow)
+
+    def subscribe_batches(
+        self, session_id: str, last_event_id: str | None = None, *, follow: bool = False
+    ) -> AsyncIterator[list[StreamEvent]]:
+        """What :meth:`subscribe` yields, as lists of the events that arrived together.
+
+        For consumers that write events out (SSE, websockets): one write per list, and far
+        less work per event when many subscribers share a process.
+        """
+        validate_session_id(session_id)
+        return subscribe_batches(self._hub, session_id, last_event_id, follow=follow)
 
     # ---- lifetime ---------------------------------------------------------------------------
 

@@ -82,7 +82,7 @@ IDEMPOTENCY_WAIT = 10.0
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII, as header values are
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-_SSE_QUEUE = 64  # events buffered between a subscription and its client, per connection
+_SSE_QUEUE = 64  # batches of events buffered between a subscription and its client
 _TRUE, _FALSE = frozenset({"true", "1", "yes", "on"}), frozenset({"false", "0", "no", "off", ""})
 _STATIC = {
     "ops.html": "text/html; charset=utf-8",
@@ -357,7 +357,7 @@ class _Api:
         next event can time out into a keepalive without cancelling the subscription itself
         (which would end it). Closing this generator (a disconnect) cancels that task.
         """
-        queue: asyncio.Queue[StreamEvent | _End] = asyncio.Queue(_SSE_QUEUE)
+        queue: asyncio.Queue[list[StreamEvent] | _End] = asyncio.Queue(_SSE_QUEUE)
         pump = asyncio.get_running_loop().create_task(
             _pump(coord, sid, last, follow, queue), name=f"runstate-sse {sid}"
         )
@@ -377,7 +377,7 @@ class _Api:
                     else:
                         yield f"event: stream_error\ndata: {_error_json(item.error)}\n\n"
                     return
-                yield _sse_frame(item)
+                yield "".join(_sse_frame(event) for event in item)  # one write per batch
         finally:
             # Synchronous on purpose: this may run inside a cancelled scope where awaits fail.
             pump.cancel()
@@ -397,13 +397,14 @@ async def _pump(
     sid: str,
     last: str | None,
     follow: bool,
-    queue: asyncio.Queue[StreamEvent | _End],
+    queue: asyncio.Queue[list[StreamEvent] | _End],
 ) -> None:
-    """Copy one subscription into ``queue``, then an :class:`_End`."""
-    events = coord.subscribe(sid, last, follow=follow)
+    """Copy one subscription into ``queue`` (the events that arrived together as one item),
+    then an :class:`_End`."""
+    events = coord.subscribe_batches(sid, last, follow=follow)
     try:
-        async for item in events:
-            await queue.put(item)
+        async for batch in events:
+            await queue.put(batch)
         end = _End()
     except asyncio.CancelledError:
         raise

@@ -171,6 +171,55 @@ async def test_no_gap_when_nothing_was_missed(redis: Any, prefix: str) -> None:
     assert from_first[-1].event.type == "complete"
 
 
+async def test_batches_hold_the_same_events_as_subscribe_fewer_at_a_time(
+    coord: Coordinator,
+) -> None:
+    # Given a run with a critical event, then live subscribers of both kinds
+    run = await start_run(coord)
+    await run.emit(TaskListUpdated(task_list=["x"]))
+    one_by_one = coord.subscribe("s1")
+    batched = coord.subscribe_batches("s1")
+    assert (await anext(one_by_one)).event.type == "task_list_updated"
+    assert [e.event.type for e in await anext(batched)] == ["task_list_updated"]
+
+    async def all_batches() -> list[list[StreamEvent]]:
+        return [batch async for batch in batched]
+
+    events_task = asyncio.create_task(collect(one_by_one))
+    batches_task = asyncio.create_task(all_batches())
+    await eventually(lambda: coord._hub.subscribers == 2)
+    # When 300 tokens are written in batches of 100, then the run completes
+    for start in range(0, 300, 100):
+        await run.emit_many([Token(content=str(i)) for i in range(start, start + 100)])
+    await run.complete()
+    events, batches = await asyncio.wait_for(asyncio.gather(events_task, batches_task), 10)
+    # Then both get the same events in the same order, to the terminal event and no further
+    assert [e.id for batch in batches for e in batch] == [e.id for e in events]
+    assert [e.id for e in events] == [eid for eid, _ in await stream_entries(coord, "s1")][2:]
+    assert events[-1].event.type == "complete"
+    # And the batched subscriber got them in far fewer steps than one per event
+    assert len(batches) <= 10
+
+
+async def test_batches_report_a_gap_like_subscribe(redis: Any, prefix: str) -> None:
+    # Given a stream capped at 50 whose early events were trimmed away
+    async with Coordinator(redis, prefix=prefix, maxlen=50) as coord:
+        run = await start_run(coord)
+        await run.emit(TaskListUpdated(task_list=["x"]))
+        early = await run.emit(Token(content="early"))
+        for start in range(0, 200, 50):
+            await run.emit_many([Token(content=str(i)) for i in range(start, start + 50)])
+        await run.complete()
+        # When a batched subscriber resumes from a trimmed id
+        batches = [b async for b in coord.subscribe_batches("s1", last_event_id=early)]
+        events = await collect(coord.subscribe("s1", last_event_id=early))
+    # Then it hears of the gap first, with the same count, then the replay and the terminal
+    flat = [e for batch in batches for e in batch]
+    assert [(e.id, e.event.type) for e in flat] == [(e.id, e.event.type) for e in events]
+    assert isinstance(flat[0].event, Gap) and flat[0].event.missed > 0
+    assert flat[-1].event.type == "complete"
+
+
 async def test_late_subscriber_to_finished_run_gets_replay_and_terminal(coord: Coordinator) -> None:
     # Given a finished run with a critical event
     run = await start_run(coord)

@@ -4,8 +4,8 @@ This process is the producer: a claimed run emitting ``Token`` events at 1,000 e
 content is ``time.time_ns()`` at send time. The subscribers all live in one subprocess
 (:mod:`suite.fanout_consumer`), which measures receive time minus send time (same machine,
 same clock). Each subscriber count is one consumer process; the producer runs ``BENCH_REPS``
-runs in a row on the session (``RUN_SECONDS`` long), each run giving a p50 and a p99; the table
-shows the median of those. Connections: ``CLIENT LIST`` entries named by the consumer's
+runs in a row on the session (as long as ``PHASES`` says), each run giving a p50 and a p99;
+the table shows the median of those. Connections: ``CLIENT LIST`` entries named by the consumer's
 ``?client_name=`` (sampled before and in the middle of every run; the most seen is reported).
 Baseline: sequential ``PING`` round trips on the producer's client before each run.
 """
@@ -43,9 +43,17 @@ from .emit import claimed_run, end_run
 
 RATE = 1000  # events per second
 SUBSCRIBERS = (1, 100, 1000)
-# Seconds per run. Shorter for 1,000 subscribers: one Python process cannot deliver 1M events/s,
-# so the backlog (and the latency) grows for as long as a run lasts, and so does the run time.
-RUN_SECONDS = {1: 1.0, 100: 1.0, 1000: 0.25}
+# (API, subscriber count, seconds per run). `subscribe` hands over one event at a time, which at
+# 1,000 subscribers is 1M handovers/s: more than one Python process does, so the backlog (and
+# the latency) grows for as long as a run lasts; its run there is short to keep the figure a
+# lower bound and the time bounded. `subscribe_batches` hands over what arrived together.
+PHASES = (
+    ("subscribe", 1, 1.0),
+    ("subscribe", 100, 1.0),
+    ("subscribe", 1000, 0.25),
+    ("subscribe_batches", 100, 1.0),
+    ("subscribe_batches", 1000, 1.0),
+)
 PINGS = 1000
 DRAIN_LIMIT = 60.0  # seconds the producer waits for the subscribers to catch up after a run
 
@@ -64,15 +72,23 @@ async def connections(client: Redis, name: str) -> int:
 
 
 async def phase(
-    coord: Coordinator, url: str, tag: str, procs: Procs, subs: int, runs: int, seconds: float
+    coord: Coordinator,
+    url: str,
+    tag: str,
+    procs: Procs,
+    api: str,
+    subs: int,
+    runs: int,
+    seconds: float,
 ) -> dict[str, Any]:
-    session = f"fan-{subs}"
+    label = f"{api}-{subs}"
+    session = f"fan-{label}".replace("_", "-")
     name = f"{tag}-sub"
-    drained = f"{tag}:drained:{subs}"
-    out = procs.dir / f"fanout-{subs}.json"
+    drained = f"{tag}:drained:{label}"
+    out = procs.dir / f"fanout-{label}.json"
     deadline = runs * (seconds + DRAIN_LIMIT) + 30
     proc = procs.start(
-        f"fanout-{subs}",
+        f"fanout-{label}",
         [
             sys.executable,
             "-m",
@@ -93,6 +109,7 @@ async def phase(
             with_query(url, client_name=f"{tag}-control"),
             "--drained",
             drained,
+            *(["--batches"] if api == "subscribe_batches" else []),
         ],
         stdout_pipe=True,
     )
@@ -103,7 +120,7 @@ async def phase(
         line = b""
     if line.strip() != b"ready":
         procs.stop(proc)
-        raise RuntimeError(f"fan-out consumer did not start:\n{procs.log(f'fanout-{subs}')}")
+        raise RuntimeError(f"fan-out consumer did not start:\n{procs.log(f'fanout-{label}')}")
     conns = [await connections(coord.client, name)]
     run_ids = []
     rates = []
@@ -143,11 +160,12 @@ async def phase(
     code = await asyncio.to_thread(proc.wait, deadline + 30)
     procs.stop(proc)
     if code != 0 or not out.exists():
-        raise RuntimeError(f"fan-out consumer failed ({code}):\n{procs.log(f'fanout-{subs}')}")
+        raise RuntimeError(f"fan-out consumer failed ({code}):\n{procs.log(f'fanout-{label}')}")
     result = json.loads(out.read_text())
     per_run = [result["runs"].get(r) for r in run_ids]
     delivered = sum(r["n"] for r in per_run if r)
     return {
+        "api": api,
         "subs": subs,
         "run_seconds": seconds,
         "p50": median([r["p50"] for r in per_run if r]),
@@ -176,9 +194,8 @@ async def measure(url: str, tag: str) -> dict[str, Any]:
             await coord.client.ping()
         phases = []
         with Procs() as procs:
-            for subs in SUBSCRIBERS:
-                seconds = RUN_SECONDS[subs] * scale
-                phases.append(await phase(coord, url, tag, procs, subs, runs, seconds))
+            for api, subs, seconds in PHASES:
+                phases.append(await phase(coord, url, tag, procs, api, subs, runs, seconds * scale))
     return {"phases": phases}
 
 
@@ -188,17 +205,20 @@ def run() -> list[Section]:
         data = asyncio.run(measure(url, tag))
     section = Section(
         "3. Fan-out: one producer at 1,000 events/s, subscribers in one other process",
-        f"{reps()} runs per subscriber count at {RATE} Token events/s, each "
+        f"{reps()} runs per case at {RATE} Token events/s, each "
         + " / ".join(f"{p['run_seconds']:g} s" for p in data["phases"])
-        + " long for 1 / 100 / 1,000 subscribers (past saturation the latency grows with the "
-        "run's length: shorter runs keep the last figure a lower bound and the time bounded); "
-        "median of the per-run p50 / p99 of receive time - send time. "
+        + " long for "
+        + " / ".join(f"{p['subs']:,} ({p['api']})" for p in data["phases"])
+        + " (past saturation the latency grows with the run's length: a shorter run keeps the "
+        "figure a lower bound and the time bounded); median of the per-run p50 / p99 of receive "
+        "time - send time (`subscribe_batches` takes one receive time per batch). "
         f"Baseline: sequential `PING` round trips from the producer ({scaled(PINGS, 200)} "
         "before each run, the subscribers attached and idle), median of the per-run p50 / p99.",
         data=data,
     )
-    by_subs = {p["subs"]: p for p in data["phases"]}
-    for subs, p in by_subs.items():
+    for p in data["phases"]:
+        subs = p["subs"]
+        who = f"{subs:,} subscriber{'s' if subs > 1 else ''} (`{p['api']}`)"
         ping = p["ping_p99"]
         limit, goal = {
             1: (4 * ping, "≤ 4x PING p99"),
@@ -208,7 +228,7 @@ def run() -> list[Section]:
         complete = p["delivered"] >= p["expected"] and not p["timed_out"]
         section.rows.append(
             Row(
-                f"{subs} subscriber{'s' if subs > 1 else ''}: p99 delivery latency",
+                f"{who}: p99 delivery latency",
                 fmt_ms(p["p99"]),
                 f"PING p99 {fmt_ms(ping)}",
                 fmt_ratio(ratio(p["p99"], ping)),
@@ -218,12 +238,13 @@ def run() -> list[Section]:
         )
         section.rows.append(
             Row(
-                f"{subs} subscriber{'s' if subs > 1 else ''}: p50 delivery latency",
+                f"{who}: p50 delivery latency",
                 fmt_ms(p["p50"]),
                 f"PING p50 {fmt_ms(p['ping_p50'])}",
                 fmt_ratio(ratio(p["p50"], p["ping_p50"])),
             )
         )
+    by_subs = {p["subs"]: p for p in data["phases"] if p["api"] == "subscribe"}
     conns = {s: p["connections"] for s, p in by_subs.items()}
     reads = getattr(subscription, "MAX_CONCURRENT_READS", 8)
     bound = 1 + reads  # the hub's reader + its concurrent snapshot/catch-up reads
@@ -237,14 +258,15 @@ def run() -> list[Section]:
             max(conns.values()) <= bound,
         )
     )
-    for subs, p in by_subs.items():
+    for p in data["phases"]:
         per_event_us = p["consumer_cpu_s"] / max(1, p["delivered"]) * 1e6
         section.notes.append(
-            f"{subs} subscriber(s): delivered {p['delivered']:,} of {p['expected']:,} token "
-            f"events, gap notices covering {p['gaps']:,} events, max latency "
-            f"{fmt_ms(p['max'])}, producer rate {p['producer_rate']:,.0f}/s, subscriber process "
-            f"CPU {p['consumer_cpu_s']:.2f} s ({per_event_us:.1f} µs per delivered event), "
-            f"connections seen {p['connection_samples']}, catching up after each run took "
+            f"{p['subs']:,} subscriber(s), `{p['api']}`: delivered {p['delivered']:,} of "
+            f"{p['expected']:,} token events, gap notices covering {p['gaps']:,} events, max "
+            f"latency {fmt_ms(p['max'])}, producer rate {p['producer_rate']:,.0f}/s, "
+            f"subscriber process CPU {p['consumer_cpu_s']:.2f} s ({per_event_us:.1f} µs per "
+            f"delivered event), connections seen {p['connection_samples']}, catching up after "
+            "each run took "
             + "/".join(f"{x:.1f}" for x in p["drain_s"])
             + " s"
             + (

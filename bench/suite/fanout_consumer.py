@@ -1,7 +1,8 @@
 """The subscriber process of the fan-out benchmark (``python -m suite.fanout_consumer``).
 
-Starts ``--subs`` subscribers (``coord.subscribe(session, follow=True)``) on one session in this
-one process, prints ``ready`` once all of them are attached, then records, for every ``token``
+Starts ``--subs`` subscribers (``coord.subscribe(session, follow=True)``, or with ``--batches``
+``coord.subscribe_batches``, taking one receive time per batch) on one session in this one
+process, prints ``ready`` once all of them are attached, then records, for every ``token``
 event each subscriber receives, ``time.time_ns()`` minus the send time carried in the event's
 content. Once every subscriber has seen a run's terminal event (live, or replayed by a snapshot
 after a gap) it pushes the run id to ``--drained`` (a list, through a separate connection that
@@ -37,10 +38,37 @@ async def consume(args: argparse.Namespace) -> dict[str, Any]:
 
     async with Coordinator.from_url(args.url, prefix=args.prefix) as coord:
 
-        async def subscriber() -> None:
+        async def other(item: Any) -> bool:
+            """Note an event that is not a token; True at the subscriber's last event."""
             nonlocal gaps, finished
+            event = item.event
+            if event.is_terminal:
+                count = terminals[item.run_id] = terminals.get(item.run_id, 0) + 1
+                if count == args.subs:
+                    await control.rpush(args.drained, item.run_id)
+                if event.type == "error":  # the end of the producer's last run
+                    finished += 1
+                    return True
+            elif event.type == "gap":
+                gaps += event.missed
+            return False
+
+        async def subscriber() -> None:
             current = None
             bucket: list[int] = []
+            if args.batches:  # one receive time per batch: when the application gets it
+                async for batch in coord.subscribe_batches(args.session, follow=True):
+                    now = time.time_ns()
+                    for item in batch:
+                        event = item.event
+                        if event.type == "token":
+                            if item.run_id != current:
+                                current = item.run_id
+                                bucket = lat.setdefault(current, [])
+                            bucket.append(now - int(event.content))  # type: ignore[attr-defined]
+                        elif await other(item):
+                            return
+                return
             async for item in coord.subscribe(args.session, follow=True):
                 event = item.event
                 if event.type == "token":
@@ -49,15 +77,8 @@ async def consume(args: argparse.Namespace) -> dict[str, Any]:
                         current = item.run_id
                         bucket = lat.setdefault(current, [])
                     bucket.append(now - int(event.content))  # type: ignore[attr-defined]
-                elif event.is_terminal:
-                    seen = terminals[item.run_id] = terminals.get(item.run_id, 0) + 1
-                    if seen == args.subs:
-                        await control.rpush(args.drained, item.run_id)
-                    if event.type == "error":  # the end of the producer's last run
-                        finished += 1
-                        return
-                elif event.type == "gap":
-                    gaps += event.missed  # type: ignore[attr-defined]
+                elif await other(item):
+                    return
 
         tasks = [asyncio.create_task(subscriber()) for _ in range(args.subs)]
         hub = coord._hub  # private, read only: how many subscribers are attached
@@ -103,6 +124,7 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--control-url", required=True)
     p.add_argument("--drained", required=True)
+    p.add_argument("--batches", action="store_true", help="use coord.subscribe_batches")
     args = p.parse_args()
     result = asyncio.run(consume(args))
     with open(args.out, "w") as f:
