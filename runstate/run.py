@@ -193,7 +193,6 @@ class RunHandle:
                 self._refused(exc)
                 raise
             self.ended = True
-            await self._store.unindex(self.session_id)
 
     def _refused(self, exc: StaleRunError) -> None:
         self.ended = True

@@ -394,27 +394,36 @@ class Store:
         event: AgentEvent,
         error: str | None = None,
     ) -> str | None:
-        """End the run with its terminal event (Complete or Error); returns the event's id.
+        """End the run with its terminal event (Complete or Error) and drop the session from
+        the active index, in one round trip; returns the event's id.
+
+        The index update is :meth:`unindex`'s (remove, read the status, put back if a new run
+        began), sent in the script's pipeline: it is right whatever the script answered.
 
         Raises:
             StaleRunError: the run no longer owns the session.
         """
         status = "completed" if event.type == "complete" else "error"
-        res = await self._script(
-            "finish",
-            session_id,
-            [
-                run_id,
-                attempt,
-                status,
-                event.type,
-                dump_event(event, self.max_event_bytes),
-                error or "",
-                utcnow(),
-                self.maxlen,
-                self.retention,
-            ],
-        )
+        args = [
+            run_id,
+            attempt,
+            status,
+            event.type,
+            dump_event(event, self.max_event_bytes),
+            error or "",
+            utcnow(),
+            self.maxlen,
+            self.retention,
+        ]
+        active, runner = self.keys.active, self.keys.runner(session_id)
+
+        def unindex(pipe: Any) -> None:
+            pipe.zrem(active, session_id)
+            pipe.hget(runner, "status")
+
+        res, _, now = await self._script_and("finish", session_id, args, unindex)
+        if now in ("pending", "running"):  # a new run began: it stays in the index
+            await self._index(session_id)
         if res[0] == "ok":
             return str(res[1])
         if res[0] == "done":
@@ -477,10 +486,14 @@ class Store:
 
         results = await self.retry.call(f"unindex {session_id!r}", go)
         if results[-1] in ("pending", "running"):
-            await self.retry.call(
-                f"index {session_id!r}",
-                lambda: self.client.zadd(self.keys.active, {session_id: _now_ms()}, nx=True),
-            )
+            await self._index(session_id)
+
+    async def _index(self, session_id: str) -> None:
+        active = self.keys.active
+        await self.retry.call(
+            f"index {session_id!r}",
+            lambda: self.client.zadd(active, {session_id: _now_ms()}, nx=True),
+        )
 
     def _stale(self, session_id: str, run_id: str, status: str, current: str) -> StaleRunError:
         if status == "cancelled" and current == run_id:

@@ -368,15 +368,19 @@ async def test_events_of_a_write_that_never_reached_redis_are_sent_with_the_next
 async def test_finish_whose_answer_was_lost_ends_the_run_once(
     coord: Coordinator, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given a running run and a finish script whose first answer is lost
+    # Given a running run and a finish (script and index update, one pipeline) whose first
+    # answer is lost
     handle = await start_run(coord, "s1")
-    flaky(coord, "finish", monkeypatch, fail_after=1)
+    script = await flaky_pipelines(coord, monkeypatch, fail_after=1)
 
     # When the run completes
     await handle.complete()
 
-    # Then it completed with one complete event
+    # Then it completed with one complete event (the finish was sent again), and left the
+    # active index
+    assert script.calls >= 2
     assert await stream_types(redis, coord, "s1") == ["execution_started", "complete"]
+    assert await redis.zscore(coord.keys.active, "s1") is None
     assert (await redis.hgetall(coord.keys.runner("s1")))["status"] == "completed"
 
 
