@@ -174,3 +174,18 @@ async def test_an_http_replica_streams_and_resumes_on_a_cluster(
         assert state is not None and state.status == "completed"
     finally:
         assert stop_serve(replica) == 0, replica.output()
+
+
+def test_a_cluster_of_fewer_than_three_masters_is_refused_naming_the_count() -> None:
+    from runstate.embedded_cluster import EmbeddedCluster
+
+    with pytest.raises(ValueError, match="at least 3 masters, got 2"):
+        EmbeddedCluster(masters=2)
+
+
+async def test_a_plain_url_without_the_flag_makes_the_plain_client(
+    redis_url: str, prefix: str
+) -> None:
+    # (whose event reader blocks in one XREAD instead of polling)
+    async with Coordinator.from_url(redis_url, prefix, cluster=False) as coord:
+        assert not coord.store.cluster

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -13,6 +16,7 @@ import redis
 
 from runstate.config import (
     DEFAULT_PREFIX,
+    ENV_CLUSTER,
     ENV_PREFIX,
     ENV_URL,
     Settings,
@@ -27,6 +31,7 @@ from runstate.embedded import EmbeddedServer, find_server_binary, redis_url_or_e
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     monkeypatch.delenv(ENV_URL, raising=False)
     monkeypatch.delenv(ENV_PREFIX, raising=False)
+    monkeypatch.delenv(ENV_CLUSTER, raising=False)
     return monkeypatch
 
 
@@ -55,6 +60,31 @@ def test_settings_empty_env_is_unset(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv(ENV_URL, "")
     clean_env.setenv(ENV_PREFIX, "")
     assert load_settings() == Settings(redis_url=None, prefix=DEFAULT_PREFIX)
+
+
+@pytest.mark.parametrize(("value", "cluster"), [("1", True), ("Yes", True), ("0", False)])
+def test_settings_cluster_from_env(
+    clean_env: pytest.MonkeyPatch, value: str, cluster: bool
+) -> None:
+    clean_env.setenv(ENV_CLUSTER, value)
+    assert load_settings().cluster is cluster
+    assert load_settings(cluster=not cluster).cluster is not cluster  # the argument wins
+
+
+def test_settings_bad_cluster_flag_names_the_value(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv(ENV_CLUSTER, "maybe")
+    with pytest.raises(ValueError, match=f"{ENV_CLUSTER}.*'maybe'"):
+        load_settings()
+
+
+def test_bad_cluster_flag_is_a_usage_error_in_both_commands(tmp_path: Path) -> None:
+    env = {**os.environ, ENV_CLUSTER: "maybe", ENV_URL: "redis://127.0.0.1:1/0"}
+    for cmd in (["-m", "runstate.cli", "ls"], ["-m", "workers", "tests.agents.basic:agent"]):
+        done = subprocess.run(
+            [sys.executable, *cmd], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 2, done.stderr
+        assert "'maybe'" in done.stderr
 
 
 def test_settings_is_frozen() -> None:
