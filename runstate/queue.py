@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, cast
@@ -22,10 +21,12 @@ from typing import Any, cast
 from redis import exceptions as rexc
 from redis.commands.core import AsyncScript
 
+from .codec import utcnow
 from .errors import RunCancelled, RunstateError, RunSuperseded, StaleRunError
 from .events import Error, dump_event
 from .keys import QUEUE_GROUP, parse_run_ref, run_ref, validate_session_id
-from .store import Store, junk_tolerant, load_lua, utcnow
+from .queue_records import ConsumerInfo, QueueEntry, RunOwner, RunProbe, int_or_none, iso_ms
+from .store import Store, junk_tolerant, load_lua
 
 log = logging.getLogger(__name__)
 
@@ -52,93 +53,6 @@ def now_ms() -> int:
 def _load_global(name: str) -> str:
     # Global scripts get their own KEYS; the per-session helpers of _lib.lua would only confuse.
     return (resources.files("runstate") / "lua" / f"{name}.lua").read_text()
-
-
-def _iso_ms(value: str | None) -> int | None:
-    if not value:
-        return None
-    try:
-        return int(datetime.fromisoformat(value).timestamp() * 1000)
-    except ValueError:
-        return None
-
-
-def _int_or_none(value: str | None) -> int | None:
-    try:
-        return int(value) if value else None
-    except ValueError:
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class QueueEntry:
-    """One entry of the dispatch stream, as delivered to a consumer.
-
-    ``session_id`` and ``run_id`` are None for an entry runstate did not write (junk, or an
-    entry deleted while it was pending), which the consumer should just acknowledge.
-    """
-
-    id: str
-    session_id: str | None
-    run_id: str | None
-
-    @classmethod
-    def decode(cls, entry_id: str, fields: Mapping[str, str] | None) -> QueueEntry:
-        fields = fields or {}
-        session_id, run_id = fields.get("session"), fields.get("run")
-        try:
-            if session_id is not None:
-                validate_session_id(session_id)
-        except (TypeError, ValueError):
-            session_id = None
-        if not session_id or not run_id:
-            return cls(entry_id, None, None)
-        return cls(entry_id, session_id, run_id)
-
-
-@dataclass(frozen=True, slots=True)
-class RunProbe:
-    """What the reaper reads of one session's runner hash (None fields: missing or unreadable)."""
-
-    session_id: str
-    run_id: str | None
-    status: str | None
-    worker: str
-    attempt: int
-    dispatch: str
-    due_ms: int | None
-    reserved_ms: int | None
-    requeued_ms: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class RunOwner:
-    """Who owns a session now, as read for a run a worker believes it is running."""
-
-    session_id: str
-    run_id: str  # the run the worker asked about
-    current_run_id: str
-    status: str
-    attempt: int
-    worker: str
-
-    def owned_by(self, worker_id: str, attempt: int) -> bool:
-        """True if the run is still running, as this attempt, on ``worker_id``."""
-        return (self.current_run_id, self.status, self.attempt, self.worker) == (
-            self.run_id,
-            "running",
-            attempt,
-            worker_id,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class ConsumerInfo:
-    """One consumer of the queue's group (a worker id, or a reaper's name)."""
-
-    name: str
-    pending: int
-    idle_ms: int
 
 
 def _entries(result: Any) -> list[tuple[str, dict[str, str] | None]]:
@@ -327,7 +241,7 @@ class Queue:
 
         raw = await self._pipeline("heartbeat", build)
         return [
-            RunOwner(sid, run_id, h[0] or "", h[1] or "", _int_or_none(h[2]) or 0, h[3] or "")
+            RunOwner(sid, run_id, h[0] or "", h[1] or "", int_or_none(h[2]) or 0, h[3] or "")
             for (sid, run_id), h in zip(runs, raw[3:], strict=True)
         ]
 
@@ -532,11 +446,11 @@ class Queue:
                     run_id=f["run_id"] or None,
                     status=f["status"] or None,
                     worker=f["worker"] or "",
-                    attempt=_int_or_none(f["attempt"]) or 0,
+                    attempt=int_or_none(f["attempt"]) or 0,
                     dispatch=f["dispatch"] or "queue",
-                    due_ms=_int_or_none(f["due_at"]),
-                    reserved_ms=_iso_ms(f["started_at"]),
-                    requeued_ms=_iso_ms(f["requeued_at"]),
+                    due_ms=int_or_none(f["due_at"]),
+                    reserved_ms=iso_ms(f["started_at"]),
+                    requeued_ms=iso_ms(f["requeued_at"]),
                 )
             )
         return out

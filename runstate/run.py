@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from .cancellation import CancelToken
+from .codec import EncodedEvent
 from .errors import RedisUnavailable, RunCancelled, StaleRunError
 from .events import AgentEvent, Complete, Error, JSONObject, coerce_event
 from .retry import TRANSIENT_ERRORS
-from .store import Claimed, EncodedEvent, Store
+from .store import Claimed, Store
 
 # A write that failed with one of these may or may not have been applied.
 # (Cancelled too: a write cancelled in flight may or may not have reached Redis.)

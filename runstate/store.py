@@ -14,13 +14,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 from redis import exceptions as rexc
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from .client import is_cluster
+from .codec import EncodedEvent, decode_entry, pairs, utcnow
 from .errors import EventTooLarge, RunCancelled, RunstateError, RunSuperseded, StaleRunError
 from .events import DEFAULT_MAX_EVENT_BYTES, AgentEvent, StreamEvent, dump_event, parse_event
 from .keys import QUEUE_GROUP, Keys, run_ref, validate_session_id
@@ -39,53 +40,6 @@ def load_lua(name: str) -> str:
     """The source of script ``name`` with the shared helpers prepended."""
     folder = resources.files("runstate") / "lua"
     return (folder / "_lib.lua").read_text() + "\n" + (folder / f"{name}.lua").read_text()
-
-
-def utcnow() -> str:
-    """Now as the ISO-8601 UTC string stored in runner hashes."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-_MAX_ID_PART = 2**64 - 1  # each half of a Redis stream id is an unsigned 64-bit number
-
-
-def parse_stream_id(value: str) -> tuple[int, int]:
-    """``"<ms>-<n>"`` (or ``"<ms>"``) as a tuple that orders like Redis orders stream ids.
-
-    Raises:
-        ValueError: not a stream id.
-    """
-    ms, sep, n = value.partition("-")
-    # ASCII digits only: int() would also take "+1", "1_000", " 1" or other scripts' digits.
-    if ms.isascii() and ms.isdigit() and (not sep or (n.isascii() and n.isdigit())):
-        out = (int(ms), int(n) if sep else 0)
-        if out[0] <= _MAX_ID_PART and out[1] <= _MAX_ID_PART:
-            return out
-    raise ValueError(
-        f"invalid stream id {value!r}: expected '<ms>-<n>' (two numbers below 2**64), e.g. '0-0'"
-    )
-
-
-def decode_entry(entry_id: str, fields: dict[str, str], where: str = "") -> StreamEvent | None:
-    """A stream entry as a StreamEvent; None (with a warning) for an entry we did not write."""
-    try:
-        event = parse_event(fields["data"])
-        return StreamEvent(id=entry_id, run_id=fields["run"], seq=int(fields["seq"]), event=event)
-    except (KeyError, ValueError) as exc:
-        log.warning("skipping malformed stream entry %s %s: %s", where, entry_id, exc)
-        return None
-
-
-def _pairs(flat: Sequence[str]) -> dict[str, str]:
-    return dict(zip(flat[::2], flat[1::2], strict=False))
-
-
-class EncodedEvent(NamedTuple):
-    """An event as emit.lua receives it (see the ARGV block of emit.lua)."""
-
-    type: str
-    data: str
-    meta: str  # '' for a plain event; else the JSON of its flags, tool, round and dedupe
 
 
 @dataclass(frozen=True, slots=True)
@@ -508,7 +462,7 @@ class Store:
         critical = [e for raw in critical_raw if (e := _parse_or_warn(raw, session_id))]
         terminal = None
         if last_entry:
-            entry = decode_entry(last_entry[0], _pairs(last_entry[1]), session_id)
+            entry = decode_entry(last_entry[0], pairs(last_entry[1]), session_id)
             if entry and entry.run_id == run_id and entry.event.is_terminal:
                 terminal = entry
         return Snapshot(

@@ -30,11 +30,12 @@ from typing import Any
 from redis import exceptions as rexc
 from redis.crc import key_slot
 
+from .codec import decode_entry, parse_stream_id
 from .errors import RunstateError
 from .events import Gap, StreamEvent
 from .keys import validate_session_id
 from .retry import TRANSIENT_ERRORS, cancel_and_wait, describe
-from .store import Snapshot, Store, decode_entry, parse_stream_id
+from .store import Snapshot, Store
 
 log = logging.getLogger(__name__)
 

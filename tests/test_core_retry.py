@@ -24,8 +24,8 @@ from runstate import (
     RetryPolicy,
     RunstateError,
 )
+from runstate.codec import utcnow
 from runstate.events import Token
-from runstate.store import utcnow
 from tests.helpers import claim, data_of, entries, start_run, stream_types
 
 FAST = RetryPolicy(attempts=5, deadline=5, initial=0.001, max_wait=0.01)

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from redis.crc import key_slot
 
 from runstate import AgentEvent, Coordinator, Reserved, StreamEvent
+from runstate.codec import parse_stream_id
 from runstate.events import TaskListUpdated, TokenBudgetUpdated, ToolComplete, ToolStart
 from runstate.keys import SESSION_ID_MAX_LEN, Keys, validate_session_id
-from runstate.store import parse_stream_id
 from runstate.subscription import normalize_stream_id
 
 ALPHABET = string.ascii_letters + string.digits + "._:@-"

@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from runstate import Coordinator, Reserved, RunCancelled, RunSuperseded
-from runstate.queue import Queue, QueueEntry, now_ms
+from runstate.queue import Queue, now_ms
+from runstate.queue_records import QueueEntry
 
 
 @pytest.fixture

@@ -9,9 +9,10 @@ import os
 import socket
 from collections.abc import Callable, Sequence
 
+from runstate.codec import utcnow
 from runstate.keys import run_ref
-from runstate.queue import Queue, RunOwner, now_ms
-from runstate.store import utcnow
+from runstate.queue import Queue, now_ms
+from runstate.queue_records import RunOwner
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 
 from runstate import Coordinator
 from runstate.keys import run_ref
-from runstate.queue import Queue, RunProbe, now_ms
+from runstate.queue import Queue, now_ms
+from runstate.queue_records import RunProbe
 
 log = logging.getLogger(__name__)
 

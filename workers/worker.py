@@ -48,7 +48,8 @@ from runstate import (
 from runstate.client import client_option
 from runstate.events import JSONObject
 from runstate.keys import validate_worker_id
-from runstate.queue import Queue, QueueEntry, RunOwner
+from runstate.queue import Queue
+from runstate.queue_records import QueueEntry, RunOwner
 from runstate.retry import TRANSIENT_ERRORS, cancel_and_wait, describe
 
 from .context import Agent, RunContext

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from runstate import Coordinator, RunnerState, RunStatus, StreamEvent
-from runstate.store import parse_stream_id
+from runstate.codec import parse_stream_id
 from tests.agents.helpers import eventually
 
 Seen = tuple[str | None, int | None, str, int | None]
