@@ -98,12 +98,13 @@ class _Sub:
         else:
             self.items.append(batch)
             self.size += len(batch.events)
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake()
 
     def fail(self, error: BaseException) -> None:
         self.error = error
+        self._wake()
+
+    def _wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
@@ -312,28 +313,24 @@ class Hub:
             try:
                 if self._cluster:
                     result = await self._poll(streams)
-                    woken = self._dispatch(result, reading)
-                    if woken >= LINGER_FROM:
-                        await self._linger(woken)
-                    wait = 0.05
-                    continue
-                if self._conn is None:
-                    self._conn = self._store.client.client()
-                if self._reader_id is None and self._unblock_works:
+                else:
+                    if self._conn is None:
+                        self._conn = self._store.client.client()
+                    if self._reader_id is None and self._unblock_works:
+                        try:
+                            self._reader_id = await self._conn.client_id()
+                        except rexc.ResponseError as exc:  # e.g. an ACL user without CLIENT ID
+                            log.debug("CLIENT ID refused (%s); cancelling reads instead", exc)
+                            self._unblock_works = False
+                    self._reading_gen = gen
+                    if self._gen != gen:  # the set changed while we were getting ready
+                        continue
                     try:
-                        self._reader_id = await self._conn.client_id()
-                    except rexc.ResponseError as exc:  # e.g. an ACL user without CLIENT ID
-                        log.debug("CLIENT ID refused (%s); cancelling reads instead", exc)
-                        self._unblock_works = False
-                self._reading_gen = gen
-                if self._gen != gen:  # the set changed while we were getting ready
-                    continue
-                try:
-                    result = await self._conn.xread(
-                        streams, count=self._count, block=self._block_ms
-                    )
-                finally:
-                    self._reading_gen = -1
+                        result = await self._conn.xread(
+                            streams, count=self._count, block=self._block_ms
+                        )
+                    finally:
+                        self._reading_gen = -1
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if (
@@ -364,6 +361,7 @@ class Hub:
     async def _poll(self, streams: dict[str, str]) -> list[Any]:
         """One round of non-blocking reads on a cluster, one XREAD per slot; when it finds
         nothing, a pause (woken early by a new watch) that doubles up to ``cluster_poll_ms``."""
+        self._wake.clear()  # before the read: a watch added during it cuts the pause short
         by_slot: dict[int, dict[Any, Any]] = {}
         for key, cursor in streams.items():
             by_slot.setdefault(key_slot(key.encode()), {})[key] = cursor
@@ -378,7 +376,6 @@ class Hub:
             self._poll_wait = 0.0
             return found
         self._poll_wait = min(max(self._poll_wait * 2, 0.001), self._poll_max)
-        self._wake.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), self._poll_wait)
         return found

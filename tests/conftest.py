@@ -60,6 +60,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.real)
 
 
+def _start_or_skip(server: Any, what: str) -> None:
+    """Start an embedded server or cluster; if it cannot start, skip (fail under CI)."""
+    try:
+        server.start()
+    except RuntimeError as exc:
+        server.stop()
+        message = f"cannot start {what}: {exc}"
+        if _in_ci():
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """URL of a real Redis-compatible server shared by the whole session."""
@@ -70,14 +82,7 @@ def redis_url() -> Iterator[str]:
     from runstate.embedded import EmbeddedServer
 
     server = EmbeddedServer()
-    try:
-        server.start()
-    except RuntimeError as exc:
-        server.stop()
-        message = f"cannot start a real Redis-compatible server: {exc}"
-        if _in_ci():
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+    _start_or_skip(server, "a real Redis-compatible server")
     try:
         yield server.url
     finally:
@@ -90,13 +95,7 @@ def cluster_url() -> Iterator[str]:
     from runstate.embedded_cluster import EmbeddedCluster
 
     cluster = EmbeddedCluster()
-    try:
-        cluster.start()
-    except RuntimeError as exc:
-        message = f"cannot start a Redis Cluster: {exc}"
-        if _in_ci():
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+    _start_or_skip(cluster, "a Redis Cluster")
     try:
         yield cluster.url
         # No command of the whole session was refused for naming keys of several slots.

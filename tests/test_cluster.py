@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -22,13 +22,11 @@ from redis.crc import key_slot
 from runstate import Coordinator, StreamEvent
 from runstate.config import ENV_CLUSTER
 
-from .agents import basic
-from .agents.helpers import WorkerProcess, registered, start_worker, wait_status
+from .agents.helpers import StartProcess, registered, wait_status, worker_processes
 from .agents.helpers import eventually as until
 from .http_support import aiter_frames, start_serve, stop_serve, stream_ids, wait_ready
 
 API = "/api/v1"
-StartProcess = Callable[..., WorkerProcess]
 
 
 @pytest.fixture
@@ -40,18 +38,8 @@ async def ccoord(cluster_url: str, prefix: str) -> AsyncIterator[Coordinator]:
 @pytest.fixture
 def start_process(cluster_url: str, prefix: str, tmp_path: Path) -> Iterator[StartProcess]:
     """Start ``python -m workers --cluster`` processes; any still alive at the end are killed."""
-    procs: list[WorkerProcess] = []
-
-    def start(name: str, *extra: str, app: str = basic.__name__ + ":agent") -> WorkerProcess:
-        worker = start_worker(cluster_url, prefix, name, tmp_path, "--cluster", *extra, app=app)
-        procs.append(worker)
-        return worker
-
-    try:
+    with worker_processes(cluster_url, prefix, tmp_path, "--cluster") as start:
         yield start
-    finally:
-        for worker in procs:
-            worker.kill()
 
 
 def _nodes_of(coord: Coordinator, sessions: list[str]) -> set[str]:

@@ -6,7 +6,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,33 +19,21 @@ from tests.agents import basic
 from tests.agents.helpers import (
     APP,
     ROOT,
-    WorkerProcess,
+    StartProcess,
     eventually,
     registered,
-    start_worker,
     stream_events,
     wait_status,
     worker_env,
+    worker_processes,
 )
-
-StartProcess = Callable[..., WorkerProcess]
 
 
 @pytest.fixture
 def start_process(redis_url: str, prefix: str, tmp_path: Path) -> Iterator[StartProcess]:
     """Start worker subprocesses; any still alive at teardown are killed."""
-    procs: list[WorkerProcess] = []
-
-    def start(name: str, *extra: str, app: str = APP) -> WorkerProcess:
-        worker = start_worker(redis_url, prefix, name, tmp_path, *extra, app=app)
-        procs.append(worker)
-        return worker
-
-    try:
+    with worker_processes(redis_url, prefix, tmp_path) as start:
         yield start
-    finally:
-        for worker in procs:
-            worker.kill()
 
 
 @pytest.fixture

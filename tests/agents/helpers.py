@@ -4,12 +4,13 @@ start ``python -m workers`` subprocesses."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -164,6 +165,29 @@ def start_worker(
             cmd, cwd=ROOT, env={**worker_env(), **(env or {})}, stdout=out, stderr=subprocess.STDOUT
         )
     return WorkerProcess(proc, name, log)
+
+
+StartProcess = Callable[..., WorkerProcess]
+
+
+@contextlib.contextmanager
+def worker_processes(
+    redis_url: str, prefix: str, log_dir: Path, *common: str
+) -> Iterator[StartProcess]:
+    """``start(name, *extra, app=APP)`` starts a worker process (``common`` options first, then
+    ``extra``); every one still alive when the block ends is killed."""
+    procs: list[WorkerProcess] = []
+
+    def start(name: str, *extra: str, app: str = APP) -> WorkerProcess:
+        worker = start_worker(redis_url, prefix, name, log_dir, *common, *extra, app=app)
+        procs.append(worker)
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in procs:
+            worker.kill()
 
 
 async def registered(coord: Coordinator, worker: WorkerProcess, limit: float = 10.0) -> None:
