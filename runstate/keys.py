@@ -24,6 +24,9 @@ With the default prefix ``runstate`` (``<sid>`` is a session id):
     a worker's host, pid, concurrency and start time; TTL: a few heartbeats.
 ``runstate:lock:<name>`` (string)
     the holder of a cluster-wide lock (the reaper, the scheduler); TTL: the lock's.
+``runstate:hub:<id>`` (stream)
+    one process's event-reader wake-up: at most one entry, written when the reader must start
+    reading another session's stream; TTL: 60 s, renewed by each wake-up.
 ``runstate:idem:<key>`` (string)
     an HTTP response replayed for an Idempotency-Key; TTL: 10 minutes.
 ``runstate:cancel`` (pub/sub channel)
@@ -178,6 +181,9 @@ class Keys:
 
     def lock(self, name: str) -> str:
         return f"{self.prefix}:lock:{name}"
+
+    def hub(self, hub_id: str) -> str:
+        return f"{self.prefix}:hub:{hub_id}"
 
     def idempotency(self, key: str) -> str:
         return f"{self.prefix}:idem:{key}"

@@ -2,8 +2,9 @@
 
 A :class:`Hub` owns one connection that blocks in a single ``XREAD`` over every stream watched in
 this process, decodes each entry once and hands it to every local subscriber's bounded buffer.
-When the set of watched streams changes, the blocked read is woken with ``CLIENT UNBLOCK`` (or,
-where that is not allowed, by cancelling it).
+The read also covers the hub's own wake-up stream (``<prefix>:hub:<id>``, one entry at most):
+when a new stream must be watched, one ``XADD`` there ends the blocked read, or, if the read has
+not reached Redis yet, makes it return at once; either way the next read covers the new stream.
 
 On a Redis Cluster one command may only name keys of one slot, and every session has its own
 slot, so no single blocking read can cover them: there the reader polls instead, one pipeline
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
@@ -47,6 +49,8 @@ MAX_CONCURRENT_READS = 8
 LINGER_FROM = 20
 LINGER_PER_SUBSCRIBER = 5e-6
 LINGER_MAX = 0.010
+# The wake-up stream outlives its process by at most this long (every wake-up renews it).
+WAKE_TTL_MS = 60_000
 
 
 class _Overflow(Exception):
@@ -168,16 +172,16 @@ class Hub:
         self._count = count
         self._watches: dict[str, _Watch] = {}
         self._conn: Any = None
-        self._reader_id: int | None = None
         self._task: asyncio.Task[None] | None = None
-        self._kicked = False  # the reader task was cancelled to re-read a new set of streams
         self._idle = asyncio.Event()
         self._gen = 0  # bumped whenever the set of watched streams changes
         self._reading_gen = -1  # the generation of the XREAD in flight, -1 when none
+        self._reads = 0  # XREADs issued so far
         self._kicking = False
-        self._unblock_works = True
+        self._wake_key = store.keys.hub(uuid.uuid4().hex[:16])
+        self._wake_cursor = "0-0"  # the last wake-up the reader has seen
         self._closed = False
-        self._reads = asyncio.Semaphore(MAX_CONCURRENT_READS)
+        self._side_reads = asyncio.Semaphore(MAX_CONCURRENT_READS)
         self._snapshots: dict[str, asyncio.Future[Snapshot]] = {}
         self._side_tasks: set[asyncio.Future[Any]] = set()
 
@@ -205,14 +209,14 @@ class Hub:
         return await asyncio.shield(pending)
 
     async def _read_snapshot(self, session_id: str) -> Snapshot:
-        async with self._reads:
+        async with self._side_reads:
             return await self._store.snapshot(session_id)
 
     async def read_range(
         self, session_id: str, after: str, before: str
     ) -> list[tuple[str, StreamEvent | None]]:
         """A page of entries in ``(after, before]`` for a subscriber catching up."""
-        async with self._reads:
+        async with self._side_reads:
             return await self._store.read_range(session_id, after, CATCH_UP_PAGE, before=before)
 
     def _track(self, task: asyncio.Future[Any]) -> None:
@@ -256,6 +260,8 @@ class Hub:
             await cancel_and_wait(self._task)
         if self._conn is not None:
             await self._conn.aclose()
+            with contextlib.suppress(rexc.RedisError, OSError):
+                await self._store.client.delete(self._wake_key)
 
     # ---- the reader ---------------------------------------------------------------------------
 
@@ -264,7 +270,7 @@ class Hub:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="runstate-hub")
 
     def _kick(self) -> None:
-        """Wake an XREAD blocked on an older set of streams so that it reads the new one too."""
+        """Make the XREAD in flight, if it is for an older set of streams, return now."""
         if self._cluster:
             self._poll_wait = 0.0
             self._wake.set()
@@ -275,27 +281,23 @@ class Hub:
         self._track(asyncio.get_running_loop().create_task(self._kick_reader()))
 
     async def _kick_reader(self) -> None:
+        """Write a wake-up entry while a read of an older set of streams is in flight.
+
+        A read issued before the entry was written returns at once, blocked or not (its cursor
+        for the wake-up stream is older); one issued since may still be for an older set than
+        the latest, when watches were added meanwhile: then once more.
+        """
         try:
-            delay = 0.0005
-            for _ in range(6 if self._unblock_works else 0):
-                if not 0 <= self._reading_gen < self._gen:
+            while 0 <= self._reading_gen < self._gen:
+                issued = self._reads
+                async with self._store.client.pipeline(transaction=False) as pipe:
+                    pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1, approximate=False)
+                    pipe.pexpire(self._wake_key, WAKE_TTL_MS)
+                    await pipe.execute()
+                if self._reads == issued:
                     return
-                reader = self._reader_id
-                try:
-                    if reader is not None and await self._store.client.client_unblock(reader):
-                        return
-                except rexc.RedisError as exc:  # e.g. an ACL user without CLIENT
-                    log.debug("CLIENT UNBLOCK refused (%s); cancelling reads instead", exc)
-                    self._unblock_works = False
-                    break
-                await asyncio.sleep(delay)
-                delay *= 2
-            else:
-                if 0 <= self._reading_gen < self._gen:
-                    self._unblock_works = False
-            if 0 <= self._reading_gen < self._gen and self._task is not None:
-                self._kicked = True
-                self._task.cancel()
+        except (rexc.RedisError, OSError) as exc:  # the reader's own read fails too and retries
+            log.warning("could not wake the event reader (%s)", describe(exc))
         finally:
             self._kicking = False
 
@@ -316,37 +318,17 @@ class Hub:
                 else:
                     if self._conn is None:
                         self._conn = self._store.client.client()
-                    if self._reader_id is None and self._unblock_works:
-                        try:
-                            self._reader_id = await self._conn.client_id()
-                        except rexc.ResponseError as exc:  # e.g. an ACL user without CLIENT ID
-                            log.debug("CLIENT ID refused (%s); cancelling reads instead", exc)
-                            self._unblock_works = False
+                    streams[self._wake_key] = self._wake_cursor
                     self._reading_gen = gen
-                    if self._gen != gen:  # the set changed while we were getting ready
-                        continue
+                    self._reads += 1
                     try:
                         result = await self._conn.xread(
                             streams, count=self._count, block=self._block_ms
                         )
                     finally:
                         self._reading_gen = -1
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if (
-                    self._kicked
-                    and not self._closed
-                    and task is not None
-                    and task.cancelling() == 1
-                ):
-                    task.uncancel()  # our own kick, not a shutdown: read the new set of streams
-                    self._kicked = False
-                    self._reader_id = None  # the cancelled read dropped its connection
-                    continue
-                raise
             except TRANSIENT_ERRORS as exc:
                 log.warning("event reader lost Redis (%s); retrying in %.2fs", describe(exc), wait)
-                self._reader_id = None
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, 2.0)
                 continue
@@ -397,6 +379,10 @@ class Hub:
         keys = self._store.keys
         woken = 0
         for key, entries in items:
+            if key == self._wake_key:
+                if entries:
+                    self._wake_cursor = entries[-1][0]
+                continue
             sid = keys.session_of(key)
             watch = self._watches.get(sid) if sid else None
             # Only to the watch this read was for: a watch dropped and made anew meanwhile
@@ -419,6 +405,10 @@ class Hub:
         decodes strictly), fails the whole XREAD: fail its subscribers, keep the rest."""
         keys = self._store.keys
         broken = False
+        if str(await self._store.client.type(self._wake_key)) not in ("stream", "none"):
+            log.error("event reader: %s is not a stream; waking through a new key", self._wake_key)
+            self._wake_key, self._wake_cursor = keys.hub(uuid.uuid4().hex[:16]), "0-0"
+            return
         for sid in list(self._watches):
             key = keys.events(sid)
             kind = str(await self._store.client.type(key))

@@ -378,3 +378,43 @@ async def test_junk_key_type_fails_only_its_subscribers(
     # Then the other subscriber goes on
     await run.complete()
     assert [e.event.type for e in await asyncio.wait_for(good, 5)] == ["complete"]
+
+
+async def test_streams_watched_and_dropped_under_churn_are_all_read(coord: Coordinator) -> None:
+    # Given many subscribers at once, each to its own session, attaching and leaving all the
+    # time (the reader's set of streams changes while its reads are in flight)
+    async def one(sid: str) -> list[str]:
+        run = await start_run(coord, sid)
+        task = asyncio.create_task(collect(coord.subscribe(sid)))
+        await asyncio.sleep(0)
+        await run.emit(Token(content="t"))
+        await run.complete()
+        return [e.event.type for e in await asyncio.wait_for(task, 10)]
+
+    sem = asyncio.Semaphore(40)
+
+    async def guarded(sid: str) -> list[str]:
+        async with sem:
+            return await one(sid)
+
+    # When 500 runs go through
+    got = await asyncio.gather(*(guarded(f"churn-{i}") for i in range(500)))
+    # Then every subscriber saw its run's end, and the reader is still alive
+    assert all(types[-1] == "complete" for types in got)
+    assert coord._hub._task is not None and not coord._hub._task.done()
+
+
+async def test_junk_in_the_readers_wake_up_key_does_not_stop_it(coord: Coordinator) -> None:
+    # Given the reader's wake-up key overwritten by hand with a string
+    junk = coord._hub._wake_key
+    await coord.client.set(junk, "junk")
+    # When a subscriber attaches and its run ends
+    run = await start_run(coord, "w")
+    task = asyncio.create_task(collect(coord.subscribe("w")))
+    await eventually(lambda: coord._hub.subscribers == 1)
+    await asyncio.sleep(0.05)  # let the reader try to read
+    await run.complete()
+    # Then it gets the run's end all the same (the reader moved to a new wake-up key)
+    got = await asyncio.wait_for(task, 5)
+    assert [e.event.type for e in got] == ["complete"]
+    assert coord._hub._wake_key != junk or coord.store.cluster  # a cluster's reader polls
