@@ -18,7 +18,7 @@ from .config import load_settings
 from .errors import RedisUnavailable, RunstateError
 from .events import DEFAULT_MAX_EVENT_BYTES, StreamEvent
 from .keys import Keys, run_ref, validate_session_id
-from .models import Reserved, ReserveResult, RunnerState, RunStatus
+from .models import ReserveResult, RunnerState, RunStatus
 from .retry import RetryPolicy
 from .run import RunHandle
 from .store import DEFAULT_CRITICAL_CAP, DEFAULT_MAXLEN, DEFAULT_RETENTION, Store
@@ -163,12 +163,9 @@ class Coordinator:
         """
         validate_session_id(session_id)
         due_ms = _due_ms(delay, at)
-        result = await self.store.reserve(
-            session_id, payload, parent=parent or "", due_ms=due_ms, mode="queue"
+        return await self.store.reserve(
+            session_id, payload, parent=parent or "", due_ms=due_ms, mode="queue", dispatch=True
         )
-        if isinstance(result, Reserved):
-            await self.store.dispatch(session_id, result.run_id, due_ms)
-        return result
 
     # ---- the owner's primitives -------------------------------------------------------------
 

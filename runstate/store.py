@@ -130,10 +130,15 @@ class Store:
         return keys
 
     async def _script(
-        self, name: str, session_id: str, args: Sequence[Any], keys: int = 5
+        self,
+        name: str,
+        session_id: str,
+        args: Sequence[Any],
+        keys: int = 5,
+        extra_keys: Sequence[str] = (),
     ) -> list[Any]:
         script = self._scripts[name]
-        session_keys = self._session_keys(session_id)[:keys]
+        session_keys = self._session_keys(session_id)[:keys] + list(extra_keys)
         try:
             result = await self.retry.call(
                 f"{name} {session_id!r}", lambda: script(keys=session_keys, args=list(args))
@@ -184,23 +189,35 @@ class Store:
         parent: str = "",
         due_ms: int | None = None,
         mode: str = "queue",
+        dispatch: bool = False,
     ) -> ReserveResult:
-        """Reserve the session for a new run and index it as active: one round trip.
+        """Reserve the session for a new run, index it as active and, with ``dispatch``, hand a
+        won 'queue' run to the workers (now, or at ``due_ms``).
 
-        The reserve script and ``ZADD NX`` of the active index go together (when the
-        reservation loses, the session is active already, so the NX add changes nothing).
-        Dispatching a won 'queue' reservation is the caller's next step (:meth:`dispatch`);
-        a run left pending by a crash in between is in the index, where the reaper finds it.
+        On a single server all of it is one script: one round trip. On a cluster the global
+        keys live in other slots: the reserve script and ``ZADD NX`` of the active index go in
+        one round trip (when the reservation loses, the session is active already, so the NX
+        add changes nothing), then :meth:`dispatch` in a second; a run left pending by a crash
+        in between is in the index, where the reaper finds it.
         """
         data = self.encode_payload(payload)
         run_id = uuid.uuid4().hex
         due = "" if due_ms is None else due_ms
+        args: list[Any] = [run_id, utcnow(), data, parent, due, mode]
+        if self.cluster:
 
-        def index(pipe: Any) -> None:
-            pipe.zadd(self.keys.active, {session_id: _now_ms()}, nx=True)
+            def index(pipe: Any) -> None:
+                pipe.zadd(self.keys.active, {session_id: _now_ms()}, nx=True)
 
-        args = [run_id, utcnow(), data, parent, due, mode]
-        res = (await self._script_and("reserve", session_id, args, index))[0]
+            res = (await self._script_and("reserve", session_id, args, index))[0]
+            if res[0] == "reserved" and dispatch and mode == "queue":
+                await self.dispatch(session_id, run_id, due_ms)
+        else:
+            keys = self.keys
+            args += [session_id, _now_ms(), "1" if dispatch else ""]
+            res = await self._script(
+                "reserve", session_id, args, extra_keys=(keys.active, keys.queue, keys.schedule)
+            )
         if res[0] != "reserved":
             return AlreadyRunning(session_id=session_id, run_id=res[1])
         return Reserved(session_id=session_id, run_id=res[1])
@@ -583,6 +600,8 @@ class Store:
 
 def _wrong_type(exc: rexc.ResponseError, session_id: str, what: str) -> Exception:
     """A clear error for a session key that holds the wrong type (junk written by hand)."""
+    if "junk written by hand" in str(exc):  # a script's own check, naming the key
+        return RunstateError(f"{what} of session {session_id!r} failed: {exc}")
     if "WRONGTYPE" in str(exc):
         return RunstateError(
             f"{what} of session {session_id!r} failed: one of its keys is not of the type "

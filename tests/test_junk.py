@@ -406,6 +406,8 @@ async def test_a_queue_key_of_another_type_is_a_clear_error(
     await redis.set(coord.keys.queue, "junk")
     # When a run is executed, Then the error names the queue key
     await _outcome(coord.execute("s1", {"q": 1}), coord.keys.queue)
+    if not coord.store.cluster:  # one script there: refused before anything was written
+        assert await redis.exists(coord.keys.runner("s1"), coord.keys.active) == 0
     # And a worker cannot start, saying why
     worker = Worker(coord, basic.agent, **WORKER_KNOBS)
     with pytest.raises(RunstateError) as refused:
@@ -413,6 +415,17 @@ async def test_a_queue_key_of_another_type_is_a_clear_error(
     assert coord.keys.queue in str(refused.value)
     # And a reaper pass fails naming the key, or completes
     await _outcome(reap_once(coord), coord.keys.queue)
+
+
+async def test_a_schedule_key_of_another_type_is_a_clear_error(
+    coord: Coordinator, redis: Redis
+) -> None:
+    # Given the schedule key holding a list
+    await redis.rpush(coord.keys.schedule, "junk")
+    # When a run is executed for later, Then the error names the schedule key
+    await _outcome(coord.execute("s1", delay=60), coord.keys.schedule)
+    # And a run for now is not held up by it
+    assert isinstance(await coord.execute("s2"), Reserved)
 
 
 async def test_junk_on_the_cancel_channel_is_ignored_and_cancels_still_land(

@@ -1,5 +1,9 @@
 -- Reserve a session for a new run (a new generation), unless its current run is active.
 -- KEYS[1..5] the session's keys (see _lib.lua)
+-- KEYS[6..8] optional, on a single server only (they are in other slots): the active index,
+--            the dispatch queue and the schedule; given, the reservation also indexes the
+--            session as active and (ARGV[9]) dispatches a won 'queue' run: execute() is one
+--            round trip
 -- ARGV[1] new run_id (client-generated; a retried reserve with the same id is answered 'reserved')
 -- ARGV[2] now, ISO-8601 UTC
 -- ARGV[3] payload JSON ('' for none)
@@ -7,7 +11,26 @@
 -- ARGV[5] due time in ms for a scheduled run ('' for now)
 -- ARGV[6] dispatch mode: 'queue' (workers run it; the reaper re-dispatches it if it was never
 --         dispatched) | 'local' (the reserving process runs it itself)
+-- ARGV[7..9] with KEYS[6..8]: the session id, now in ms (the active index's score), '1' to
+--            dispatch a won 'queue' run ('' not to)
 -- returns {'reserved', run_id} | {'already', current_run_id, status}
+
+local ACTIVE, QUEUE, SCHEDULE = KEYS[6], KEYS[7], KEYS[8]
+local DISPATCH = ACTIVE and ARGV[9] == '1' and ARGV[6] == 'queue'
+if ACTIVE then
+  -- Junk in a global key this call writes fails it before anything is written.
+  local writes = {[ACTIVE] = 'zset'}
+  if DISPATCH and ARGV[5] == '' then writes[QUEUE] = 'stream' end
+  if DISPATCH and ARGV[5] ~= '' then writes[SCHEDULE] = 'zset' end
+  for key, want in pairs(writes) do
+    local kind = redis.call('TYPE', key)['ok']
+    if kind ~= 'none' and kind ~= want then
+      return redis.error_reply('WRONGTYPE ' .. key .. ' is a ' .. kind .. ', not a ' .. want ..
+        ' (junk written by hand?)')
+    end
+  end
+  redis.call('ZADD', ACTIVE, 'NX', ARGV[8], ARGV[7])
+end
 
 local cur = redis.call('HMGET', RUNNER, 'run_id', 'status')
 if is_active(cur[2]) then
@@ -22,4 +45,11 @@ redis.call('HSET', RUNNER, 'run_id', ARGV[1], 'status', 'pending', 'started_at',
   'due_at', ARGV[5], 'dispatch', ARGV[6])
 if pos[2] > 0 then save_position(pos) end
 redis.call('PERSIST', EVENTS)
+if DISPATCH then
+  if ARGV[5] == '' then
+    redis.call('XADD', QUEUE, '*', 'session', ARGV[7], 'run', ARGV[1])
+  else
+    redis.call('ZADD', SCHEDULE, ARGV[5], ARGV[7] .. ' ' .. ARGV[1])
+  end
+end
 return {'reserved', ARGV[1]}
