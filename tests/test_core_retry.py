@@ -111,6 +111,16 @@ async def flaky_pipelines(
     return wrapper
 
 
+async def flaky_reserve(
+    coord: Coordinator, monkeypatch: pytest.MonkeyPatch, **kw: Any
+) -> FlakyScript | FlakyPipelines:
+    """The reservation's round trip made flaky: its script on a single server, its pipeline
+    (script + index) on a cluster."""
+    if coord.store.cluster:
+        return await flaky_pipelines(coord, monkeypatch, **kw)
+    return flaky(coord, "reserve", monkeypatch, **kw)
+
+
 def flaky(coord: Coordinator, name: str, monkeypatch: pytest.MonkeyPatch, **kw: Any) -> FlakyScript:
     wrapper = FlakyScript(coord.store._scripts[name], **kw)
     monkeypatch.setitem(coord.store._scripts, name, wrapper)
@@ -205,8 +215,8 @@ async def test_non_transient_errors_are_not_retried() -> None:
 async def test_transient_errors_of_a_script_are_retried(
     coord: Coordinator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given a reservation (one pipelined round trip) whose first two tries fail before Redis
-    script = await flaky_pipelines(coord, monkeypatch, fail_before=2)
+    # Given a reservation (one round trip) whose first two tries fail before Redis
+    script = await flaky_reserve(coord, monkeypatch, fail_before=2)
 
     # When a run is reserved
     result = await coord.try_reserve("s1")
@@ -220,7 +230,7 @@ async def test_non_transient_errors_of_a_script_are_not_retried(
     coord: Coordinator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a reservation that Redis refuses
-    script = await flaky_pipelines(
+    script = await flaky_reserve(
         coord, monkeypatch, fail_before=5, error=rexc.ResponseError("ERR injected refusal")
     )
 
@@ -259,7 +269,7 @@ async def test_reserve_whose_answer_was_lost_is_reserved(
     coord: Coordinator, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a reservation whose first answer is lost
-    script = await flaky_pipelines(coord, monkeypatch, fail_after=1)
+    script = await flaky_reserve(coord, monkeypatch, fail_after=1)
 
     # When a run is reserved
     result = await coord.try_reserve("s1")
