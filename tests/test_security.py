@@ -371,13 +371,15 @@ async def test_a_user_missing_a_command_is_told_which(
     # Given a user of the README's line without XADD
     url = await acl_user(prefix, without="xadd")
     async with Coordinator.from_url(url, prefix) as coord:
-        # When a run is executed (its dispatch XADDs to the queue)
+        # When a run is executed (its reservation XADDs to the queue)
         with pytest.raises(RedisAccessDenied) as refused:
             await coord.execute("s1")
-    # Then the error names the operation, the command and the key
-    message = str(refused.value)
-    assert message.startswith("dispatch 's1': Redis refused it (NOPERM"), message
-    assert "'xadd' command" in message and coord.keys.queue in message
+        # Then the error names the operation, the command and the key
+        message = str(refused.value)
+        assert message.startswith("reserve 's1': Redis refused it (NOPERM"), message
+        assert "'xadd' command" in message and coord.keys.queue in message
+        # And nothing of the run was written
+        assert await coord.runner("s1") is None
 
 
 async def test_a_wrong_password_is_a_prompt_clear_error(
