@@ -384,9 +384,12 @@ async def test_streams_watched_and_dropped_under_churn_are_all_read(coord: Coord
     # Given many subscribers at once, each to its own session, attaching and leaving all the
     # time (the reader's set of streams changes while its reads are in flight)
     async def one(sid: str) -> list[str]:
-        run = await start_run(coord, sid)
+        reserved = await coord.execute(sid)
+        assert isinstance(reserved, Reserved)
         task = asyncio.create_task(collect(coord.subscribe(sid)))
-        await asyncio.sleep(0)
+        # the run's events come through the reader
+        await eventually(lambda: sid in coord._hub._watches, interval=0.001)
+        run = await coord.claim(sid, reserved.run_id, "w1")
         await run.emit(Token(content="t"))
         await run.complete()
         return [e.event.type for e in await asyncio.wait_for(task, 10)]
@@ -399,8 +402,8 @@ async def test_streams_watched_and_dropped_under_churn_are_all_read(coord: Coord
 
     # When 500 runs go through
     got = await asyncio.gather(*(guarded(f"churn-{i}") for i in range(500)))
-    # Then every subscriber saw its run's end, and the reader is still alive
-    assert all(types[-1] == "complete" for types in got)
+    # Then every subscriber saw its run's events, and the reader is still alive
+    assert all(types == ["execution_started", "token", "complete"] for types in got), got[:3]
     assert coord._hub._task is not None and not coord._hub._task.done()
 
 
