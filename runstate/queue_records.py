@@ -81,12 +81,14 @@ class RunOwner:
 
     def owned_by(self, worker_id: str, attempt: int) -> bool:
         """True if the run is still running, as this attempt, on ``worker_id``."""
-        return (self.current_run_id, self.status, self.attempt, self.worker) == (
-            self.run_id,
-            "running",
-            attempt,
-            worker_id,
-        )
+        return self.status == "running" and self._same(worker_id, attempt)
+
+    def ended_by(self, worker_id: str, attempt: int) -> bool:
+        """True if this attempt on ``worker_id`` ended the run itself (completed or error)."""
+        return self.status in ("completed", "error") and self._same(worker_id, attempt)
+
+    def _same(self, worker_id: str, attempt: int) -> bool:
+        return (self.current_run_id, self.attempt, self.worker) == (self.run_id, attempt, worker_id)
 
 
 @dataclass(frozen=True, slots=True)

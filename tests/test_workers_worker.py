@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 import workers
 from runstate import Coordinator, Reserved, RunCancelled
 from runstate.queue import Queue
+from runstate.queue_records import RunOwner
 from tests.agents import basic
 from tests.agents.helpers import FAST, eventually, stream_events, stream_types, wait_status
 from workers import RunContext, Worker
@@ -173,6 +174,25 @@ async def test_a_run_whose_attempt_was_taken_over_stops_as_superseded(
     assert await coord.cancel("s1")
     types = await stream_types(coord, "s1")
     assert types.count("execution_started") == 2 and "error" not in types
+
+
+async def test_a_heartbeat_that_sees_the_runs_own_end_does_not_stop_it(
+    coord: Coordinator, start_worker: StartWorker, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a run in flight on a worker
+    worker = await start_worker()
+    res = await coord.execute("s1", {"kind": "quiet", "steps": 3000, "delay": 0.01})
+    await wait_status(coord, "s1", "running")
+    running = worker._running[("s1", res.run_id)]
+    # When a heartbeat reads the run as ended by this very attempt (its finish landed while
+    # the beat was reading, before the worker marked the run ended)
+    worker._check_owners([RunOwner("s1", res.run_id, res.run_id, "completed", 1, worker.id)])
+    # Then that is no takeover: nothing is logged and the run is not stopped
+    assert "taken over" not in caplog.text
+    assert not running.handle.token.cancel_called
+    # While an end written by another worker is one
+    worker._check_owners([RunOwner("s1", res.run_id, res.run_id, "completed", 1, "other")])
+    assert "taken over" in caplog.text and running.handle.token.cancel_called
 
 
 async def test_stop_lets_runs_in_flight_finish_within_the_grace_period(

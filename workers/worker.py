@@ -282,6 +282,7 @@ class Worker:
                 running is None
                 or running.handle.ended
                 or owner.owned_by(self.id, running.handle.attempt)
+                or owner.ended_by(self.id, running.handle.attempt)  # its end, written meanwhile
             ):
                 continue
             if owner.status == "cancelled" and owner.current_run_id == owner.run_id:
