@@ -148,9 +148,15 @@ class Store:
         return cast(list[Any], result)
 
     async def _script_and(
-        self, name: str, session_id: str, args: Sequence[Any], more: Callable[[Any], None]
+        self,
+        name: str,
+        session_id: str,
+        args: Sequence[Any],
+        more: Callable[[Any], None],
+        more_keys: Sequence[str],
     ) -> list[Any]:
-        """Run a session script and the commands ``more`` adds, in one round trip.
+        """Run a session script and the commands ``more`` adds (on ``more_keys``), in one round
+        trip.
 
         The script goes as a plain EVALSHA (redis-py's Script in a pipeline would ask
         SCRIPT EXISTS first, every time); on NOSCRIPT it is loaded and the whole pipeline is
@@ -168,7 +174,15 @@ class Store:
                 if isinstance(results[0], rexc.NoScriptError):
                     await self.client.script_load(script.script)
                     continue
-                for result in results:
+                if isinstance(results[0], Exception):
+                    raise results[0]
+                for result in results[1:]:
+                    if isinstance(result, rexc.ResponseError) and "WRONGTYPE" in str(result):
+                        raise RunstateError(
+                            f"{name} of session {session_id!r} failed: {' or '.join(more_keys)} "
+                            f"holds another type than runstate writes there (junk written by "
+                            f"hand?): {result}"
+                        ) from result
                     if isinstance(result, Exception):
                         raise result
                 return results
@@ -209,7 +223,9 @@ class Store:
             def index(pipe: Any) -> None:
                 pipe.zadd(self.keys.active, {session_id: _now_ms()}, nx=True)
 
-            res = (await self._script_and("reserve", session_id, args, index))[0]
+            res = (await self._script_and("reserve", session_id, args, index, [self.keys.active]))[
+                0
+            ]
             if res[0] == "reserved" and dispatch and mode == "queue":
                 await self.dispatch(session_id, run_id, due_ms)
         else:
@@ -276,16 +292,19 @@ class Store:
             RunCancelled: the run was cancelled before it started.
             RunSuperseded: the session holds another run, or this one is not pending.
         """
-        args = [run_id, worker, utcnow(), self.maxlen]
+        args: list[Any] = [run_id, worker, utcnow(), self.maxlen]
         if ack is None:
             res = await self._script("claim", session_id, args)
+        elif not self.cluster:  # one script
+            args += [QUEUE_GROUP, ack]
+            res = await self._script("claim", session_id, args, extra_keys=(self.keys.queue,))
         else:
             queue, entry = self.keys.queue, ack
 
             def consume(pipe: Any) -> None:
                 pipe.xack(queue, QUEUE_GROUP, entry).xdel(queue, entry)
 
-            res = (await self._script_and("claim", session_id, args, consume))[0]
+            res = (await self._script_and("claim", session_id, args, consume, [queue]))[0]
         if res[0] != "ok":
             raise self._stale(session_id, run_id, res[1], res[2])
         payload = json.loads(res[3]) if res[3] else None
@@ -368,8 +387,10 @@ class Store:
         """End the run with its terminal event (Complete or Error) and drop the session from
         the active index, in one round trip; returns the event's id.
 
-        The index update is :meth:`unindex`'s (remove, read the status, put back if a new run
-        began), sent in the script's pipeline: it is right whatever the script answered.
+        On a single server the script drops it (unless the session holds an active run). On a
+        cluster the index update is :meth:`unindex`'s (remove, read the status, put back if a
+        new run began), sent in the script's pipeline. Either is right whatever the script
+        answered.
 
         Raises:
             StaleRunError: the run no longer owns the session.
@@ -387,14 +408,18 @@ class Store:
             self.retention,
         ]
         active, runner = self.keys.active, self.keys.runner(session_id)
+        if not self.cluster:
+            args.append(session_id)
+            res = await self._script("finish", session_id, args, extra_keys=(active,))
+        else:
 
-        def unindex(pipe: Any) -> None:
-            pipe.zrem(active, session_id)
-            pipe.hget(runner, "status")
+            def unindex(pipe: Any) -> None:
+                pipe.zrem(active, session_id)
+                pipe.hget(runner, "status")
 
-        res, _, now = await self._script_and("finish", session_id, args, unindex)
-        if now in ("pending", "running"):  # a new run began: it stays in the index
-            await self._index(session_id)
+            res, _, now = await self._script_and("finish", session_id, args, unindex, [active])
+            if now in ("pending", "running"):  # a new run began: it stays in the index
+                await self._index(session_id)
         if res[0] == "ok":
             return str(res[1])
         if res[0] == "done":

@@ -111,14 +111,14 @@ async def flaky_pipelines(
     return wrapper
 
 
-async def flaky_reserve(
-    coord: Coordinator, monkeypatch: pytest.MonkeyPatch, **kw: Any
+async def flaky_round_trip(
+    coord: Coordinator, name: str, monkeypatch: pytest.MonkeyPatch, **kw: Any
 ) -> FlakyScript | FlakyPipelines:
-    """The reservation's round trip made flaky: its script on a single server, its pipeline
-    (script + index) on a cluster."""
+    """The round trip of a script that also updates global keys made flaky: the script itself
+    on a single server, its pipeline (script + global commands) on a cluster."""
     if coord.store.cluster:
         return await flaky_pipelines(coord, monkeypatch, **kw)
-    return flaky(coord, "reserve", monkeypatch, **kw)
+    return flaky(coord, name, monkeypatch, **kw)
 
 
 def flaky(coord: Coordinator, name: str, monkeypatch: pytest.MonkeyPatch, **kw: Any) -> FlakyScript:
@@ -216,7 +216,7 @@ async def test_transient_errors_of_a_script_are_retried(
     coord: Coordinator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a reservation (one round trip) whose first two tries fail before Redis
-    script = await flaky_reserve(coord, monkeypatch, fail_before=2)
+    script = await flaky_round_trip(coord, "reserve", monkeypatch, fail_before=2)
 
     # When a run is reserved
     result = await coord.try_reserve("s1")
@@ -230,8 +230,12 @@ async def test_non_transient_errors_of_a_script_are_not_retried(
     coord: Coordinator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a reservation that Redis refuses
-    script = await flaky_reserve(
-        coord, monkeypatch, fail_before=5, error=rexc.ResponseError("ERR injected refusal")
+    script = await flaky_round_trip(
+        coord,
+        "reserve",
+        monkeypatch,
+        fail_before=5,
+        error=rexc.ResponseError("ERR injected refusal"),
     )
 
     # When a run is reserved, Then the refusal is raised after one call
@@ -269,7 +273,7 @@ async def test_reserve_whose_answer_was_lost_is_reserved(
     coord: Coordinator, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a reservation whose first answer is lost
-    script = await flaky_reserve(coord, monkeypatch, fail_after=1)
+    script = await flaky_round_trip(coord, "reserve", monkeypatch, fail_after=1)
 
     # When a run is reserved
     result = await coord.try_reserve("s1")
@@ -378,10 +382,10 @@ async def test_events_of_a_write_that_never_reached_redis_are_sent_with_the_next
 async def test_finish_whose_answer_was_lost_ends_the_run_once(
     coord: Coordinator, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given a running run and a finish (script and index update, one pipeline) whose first
+    # Given a running run and a finish (script and index update, one round trip) whose first
     # answer is lost
     handle = await start_run(coord, "s1")
-    script = await flaky_pipelines(coord, monkeypatch, fail_after=1)
+    script = await flaky_round_trip(coord, "finish", monkeypatch, fail_after=1)
 
     # When the run completes
     await handle.complete()

@@ -417,6 +417,25 @@ async def test_a_queue_key_of_another_type_is_a_clear_error(
     await _outcome(reap_once(coord), coord.keys.queue)
 
 
+async def test_an_active_index_of_another_type_is_a_clear_error(
+    coord: Coordinator, redis: Redis
+) -> None:
+    # Given a running run, then the active index overwritten with a string
+    reserved = await coord.try_reserve("s1")
+    assert isinstance(reserved, Reserved)
+    handle = await coord.claim("s1", reserved.run_id, "w1")
+    await redis.delete(coord.keys.active)
+    await redis.set(coord.keys.active, "junk")
+    # When the run completes, and another run is executed
+    # Then each error names the index
+    await _outcome(handle.complete(), coord.keys.active)
+    await _outcome(coord.execute("s2"), coord.keys.active)
+    if not coord.store.cluster:  # one script each there: refused before anything was written
+        state = await coord.runner("s1")
+        assert state is not None and state.status == "running"
+        assert await coord.runner("s2") is None
+
+
 async def test_a_schedule_key_of_another_type_is_a_clear_error(
     coord: Coordinator, redis: Redis
 ) -> None:

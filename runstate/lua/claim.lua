@@ -4,9 +4,21 @@
 -- ARGV[2] worker id
 -- ARGV[3] now, ISO-8601 UTC
 -- ARGV[4] stream MAXLEN
+-- KEYS[6], ARGV[5], ARGV[6] optional, single server only: the dispatch queue, its group and the
+--         id of the entry that dispatched the run, acknowledged and deleted whatever the answer
 -- returns {'ok', attempt, seq, payload, parent, event_id}  (a retried claim by the same worker
 --           gets the same answer with event_id '')
 --       | {'stale', status, current_run_id}
+
+local QUEUE = KEYS[6]
+if QUEUE then
+  for _, cmd in ipairs({'XACK', 'XDEL'}) do
+    local refused = refuse_global('claim', QUEUE, 'stream', cmd)
+    if refused then return refused end
+  end
+  redis.call('XACK', QUEUE, ARGV[5], ARGV[6])
+  redis.call('XDEL', QUEUE, ARGV[6])
+end
 
 local h = redis.call('HMGET', RUNNER, 'run_id', 'status', 'worker', 'attempt', 'seq', 'payload',
   'parent')

@@ -18,22 +18,12 @@
 local ACTIVE, QUEUE, SCHEDULE = KEYS[6], KEYS[7], KEYS[8]
 local DISPATCH = ACTIVE and ARGV[9] == '1' and ARGV[6] == 'queue'
 if ACTIVE then
-  -- A global key this call writes that holds junk, or that the ACL user may not write, fails
-  -- the call before anything is written, naming the key (and the command).
   local writes = {{ACTIVE, 'zset', 'ZADD'}}
   if DISPATCH and ARGV[5] == '' then table.insert(writes, {QUEUE, 'stream', 'XADD'}) end
   if DISPATCH and ARGV[5] ~= '' then table.insert(writes, {SCHEDULE, 'zset', 'ZADD'}) end
   for _, w in ipairs(writes) do
-    local key, want, cmd = w[1], w[2], w[3]
-    if redis.acl_check_cmd and not redis.acl_check_cmd(cmd, key, '1', '1') then
-      return redis.error_reply("NOPERM this user has no permissions to run the '" ..
-        string.lower(cmd) .. "' command on " .. key .. ' (in the reserve script)')
-    end
-    local kind = redis.call('TYPE', key)['ok']
-    if kind ~= 'none' and kind ~= want then
-      return redis.error_reply('WRONGTYPE ' .. key .. ' is a ' .. kind .. ', not a ' .. want ..
-        ' (junk written by hand?)')
-    end
+    local refused = refuse_global('reserve', w[1], w[2], w[3])
+    if refused then return refused end
   end
   redis.call('ZADD', ACTIVE, 'NX', ARGV[8], ARGV[7])
 end
