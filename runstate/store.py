@@ -20,6 +20,7 @@ from redis import exceptions as rexc
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+from .autopipeline import AutoPipeline
 from .client import is_cluster
 from .codec import EncodedEvent, decode_entry, pairs, utcnow
 from .errors import EventTooLarge, RunCancelled, RunstateError, RunSuperseded, StaleRunError
@@ -65,6 +66,7 @@ class Snapshot:
     budget: AgentEvent | None
     critical: list[AgentEvent]
     terminal: StreamEvent | None
+    wake_id: str | None = None  # the entry written to the reader's wake-up stream, if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +118,9 @@ class Store:
         self.retry = retry or RetryPolicy()
         # A Redis Cluster client: one command may only name keys of one slot (DESIGN §5).
         self.cluster = is_cluster(client)
+        # Scripts issued together go as one pipeline (see autopipeline); a cluster's client
+        # sends each to its node itself.
+        self._auto = None if self.cluster else AutoPipeline(client)
         self._key_cache: dict[str, list[str]] = {}
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(load_lua(name)) for name in SCRIPTS
@@ -139,9 +144,11 @@ class Store:
     ) -> list[Any]:
         script = self._scripts[name]
         session_keys = self._session_keys(session_id)[:keys] + list(extra_keys)
+        auto = self._auto
         try:
             result = await self.retry.call(
-                f"{name} {session_id!r}", lambda: script(keys=session_keys, args=list(args))
+                f"{name} {session_id!r}",
+                lambda: script(keys=session_keys, args=list(args), client=auto),  # type: ignore[arg-type]
             )
         except rexc.ResponseError as exc:
             raise _wrong_type(exc, session_id, name) from exc
@@ -498,9 +505,19 @@ class Store:
 
     # ---- reading --------------------------------------------------------------------------
 
-    async def snapshot(self, session_id: str) -> Snapshot:
-        res = await self._script("snapshot", session_id, [])
-        run_id, status, last_id, budget_raw, critical_raw, last_entry = res
+    async def snapshot(
+        self, session_id: str, wake: str | None = None, wake_when: str = "active", ttl_ms: int = 0
+    ) -> Snapshot:
+        """The session's snapshot (see snapshot.lua), waking the stream ``wake`` of an event
+        reader too (single server only; ``wake_when``: 'active' or 'always'; ``ttl_ms``: its
+        TTL)."""
+        if wake is None or self.cluster:
+            res = await self._script("snapshot", session_id, [])
+        else:
+            res = await self._script(
+                "snapshot", session_id, [wake_when, ttl_ms], extra_keys=(wake,)
+            )
+        run_id, status, last_id, budget_raw, critical_raw, last_entry, wake_id = res
         critical = [e for raw in critical_raw if (e := _parse_or_warn(raw, session_id))]
         terminal = None
         if last_entry:
@@ -514,6 +531,7 @@ class Store:
             budget=_parse_or_warn(budget_raw, session_id) if budget_raw else None,
             critical=critical,
             terminal=terminal,
+            wake_id=wake_id or None,
         )
 
     async def runner(self, session_id: str) -> RunnerState | None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -51,6 +52,9 @@ LINGER_PER_SUBSCRIBER = 5e-6
 LINGER_MAX = 0.010
 # The wake-up stream outlives its process by at most this long (every wake-up renews it).
 WAKE_TTL_MS = 60_000
+# How long a snapshot's wake-up counts as on its way to the reader (it takes a round trip; one
+# the reader never saw, e.g. expired while it was idle, must not hold back kicks for long).
+WAKE_PENDING_FOR = 0.5
 
 
 class _Overflow(Exception):
@@ -180,6 +184,8 @@ class Hub:
         self._kicking = False
         self._wake_key = store.keys.hub(uuid.uuid4().hex[:16])
         self._wake_cursor = "0-0"  # the last wake-up the reader has seen
+        self._wake_sent = (0, 0)  # the last wake-up written by a snapshot, and when
+        self._wake_sent_at = 0.0
         self._closed = False
         self._side_reads = asyncio.Semaphore(MAX_CONCURRENT_READS)
         self._snapshots: dict[str, asyncio.Future[Snapshot]] = {}
@@ -194,23 +200,34 @@ class Hub:
     def subscribers(self) -> int:
         return sum(len(w.subs) for w in self._watches.values())
 
-    async def snapshot(self, session_id: str) -> Snapshot:
+    async def snapshot(self, session_id: str, *, follow: bool = False) -> Snapshot:
         """The session's snapshot; subscribers arriving together share one read.
 
         Sharing is safe: a snapshot taken after a subscriber asked for it is as good a starting
         point as its own would be (replay as of S, then everything after S).
+
+        For a session not watched yet, the snapshot also writes the reader's wake-up entry
+        (when the subscriber will go on to watch it: the run is active, or ``follow``): the
+        read in flight then returns and the next one covers the new stream, with no kick.
         """
         pending = self._snapshots.get(session_id)
         if pending is None:
-            pending = asyncio.ensure_future(self._read_snapshot(session_id))
+            wake = None if session_id in self._watches else ("always" if follow else "active")
+            pending = asyncio.ensure_future(self._read_snapshot(session_id, wake))
             self._track(pending)
             self._snapshots[session_id] = pending
             pending.add_done_callback(lambda _: self._snapshots.pop(session_id, None))
         return await asyncio.shield(pending)
 
-    async def _read_snapshot(self, session_id: str) -> Snapshot:
+    async def _read_snapshot(self, session_id: str, wake: str | None) -> Snapshot:
         async with self._side_reads:
-            return await self._store.snapshot(session_id)
+            if wake is None:
+                return await self._store.snapshot(session_id)
+            snapshot = await self._store.snapshot(session_id, self._wake_key, wake, WAKE_TTL_MS)
+        if snapshot.wake_id is not None:
+            self._wake_sent = max(self._wake_sent, parse_stream_id(snapshot.wake_id))
+            self._wake_sent_at = time.monotonic()
+        return snapshot
 
     async def read_range(
         self, session_id: str, after: str, before: str
@@ -277,6 +294,11 @@ class Hub:
             return
         if self._kicking or self._reading_gen < 0:
             return
+        if (
+            self._wake_sent > parse_stream_id(self._wake_cursor)
+            and time.monotonic() - self._wake_sent_at < WAKE_PENDING_FOR
+        ):
+            return  # a snapshot's wake-up is on its way: the next read covers every watch
         self._kicking = True
         self._track(asyncio.get_running_loop().create_task(self._kick_reader()))
 
@@ -408,6 +430,7 @@ class Hub:
         if str(await self._store.client.type(self._wake_key)) not in ("stream", "none"):
             log.error("event reader: %s is not a stream; waking through a new key", self._wake_key)
             self._wake_key, self._wake_cursor = keys.hub(uuid.uuid4().hex[:16]), "0-0"
+            self._wake_sent = (0, 0)
             return
         for sid in list(self._watches):
             key = keys.events(sid)
@@ -506,7 +529,7 @@ async def subscribe_batches(
     """
     validate_session_id(session_id)
     if last_event_id is None:
-        snapshot = await hub.snapshot(session_id)
+        snapshot = await hub.snapshot(session_id, follow=follow)
         first = _replay(snapshot)
         if snapshot.terminal is not None:
             first.append(snapshot.terminal)
@@ -561,7 +584,7 @@ async def subscribe_batches(
         if not gap:
             return  # pragma: no cover - _entries only ends by raising
         # Say how many events we will not deliver, then start again from a fresh snapshot.
-        snapshot = await hub.snapshot(session_id)
+        snapshot = await hub.snapshot(session_id, follow=follow)
         assert expect is not None
         # Everything after our last event up to the snapshot, but the terminal event that the
         # snapshot hands over itself.

@@ -1,0 +1,104 @@
+"""Automatic pipelining: the commands issued in one turn of the event loop go as one pipeline.
+
+Many runs share a process: a worker claims the runs one read brought, a subscriber process
+starts the runs whose predecessors ended together. Sent one by one, each command costs a write,
+a read and a pooled connection of its own; sent together they cost one of each, however many
+callers issued them (ioredis's ``enableAutoPipelining``, which BullMQ relies on, works the same
+way). A command issued alone still goes alone, with no pipeline around it.
+
+Only for short commands: a blocking read would hold up every command queued behind it. Each
+command keeps its own outcome: a reply error goes to its caller only; a lost connection fails
+every command of the batch, and each caller's retry policy decides what to do, as it would have
+without batching (every operation runstate sends this way is fenced or idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from redis import exceptions as rexc
+from redis.asyncio import Redis
+
+# The most commands one pipeline carries; more queued in one turn go in several.
+MAX_BATCH = 128
+
+
+class AutoPipeline:
+    """Queues commands and sends each turn's batch as one pipeline on ``client``.
+
+    The first command of a turn leads: it yields once, so that the commands issued in the same
+    turn join it, then sends them all and hands each its reply. A command alone goes as a plain
+    command. Offers what :class:`redis.commands.core.AsyncScript` calls on a client
+    (``evalsha``, ``script_load``), so a registered script runs batched with
+    ``script(..., client=this)``.
+    """
+
+    def __init__(self, client: Redis, max_batch: int = MAX_BATCH) -> None:
+        self._client = client
+        self._max_batch = max_batch
+        self._forming: list[tuple[tuple[Any, ...], asyncio.Future[Any] | None]] | None = None
+        self._orphans: set[asyncio.Task[Any]] = set()  # kept until done
+
+    async def execute_command(self, *args: Any) -> Any:
+        batch = self._forming
+        if batch is not None and len(batch) < self._max_batch:
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            batch.append((args, future))
+            return await future
+        batch = self._forming = [(args, None)]
+        try:
+            await asyncio.sleep(0)  # the commands issued in this turn join the batch
+        except asyncio.CancelledError:
+            if self._forming is batch:
+                self._forming = None
+            if len(batch) > 1:  # the others still go, without us
+                task = asyncio.get_running_loop().create_task(self._send(batch[1:]))
+                self._orphans.add(task)
+                task.add_done_callback(self._orphan_done)
+            raise
+        if self._forming is batch:
+            self._forming = None
+        if len(batch) == 1:
+            return await self._client.execute_command(*args)  # type: ignore[no-untyped-call]
+        return await self._send(batch)
+
+    def _orphan_done(self, task: asyncio.Task[Any]) -> None:
+        self._orphans.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: its callers got it
+
+    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        return await self.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
+
+    async def script_load(self, script: str) -> Any:
+        return await self._client.script_load(script)
+
+    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any] | None]]) -> Any:
+        """Send ``batch`` as one pipeline; returns the reply of its first command if that one
+        has no future (the leader's), after handing the others theirs."""
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for args, _ in batch:
+                    pipe.execute_command(*args)
+                results = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:  # the connection: every command of the batch shares it
+            error = exc
+            if not isinstance(exc, Exception):  # the leader was cancelled while sending
+                error = rexc.ConnectionError("the batch was cut off: its sender was cancelled")
+            for _, future in batch:
+                if future is not None and not future.done():
+                    future.set_exception(error)
+            raise
+        for (_, future), result in zip(batch, results, strict=True):
+            if future is None or future.done():  # the leader's, or its caller is gone
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+        if batch[0][1] is None:
+            if isinstance(results[0], Exception):
+                raise results[0]
+            return results[0]
+        return None

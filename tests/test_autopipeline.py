@@ -1,0 +1,162 @@
+"""Automatic pipelining: commands issued together go as one pipeline, each keeps its outcome."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import fakeredis
+import pytest
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+
+from runstate.autopipeline import AutoPipeline
+
+
+@pytest.fixture(params=["fake", "real"])
+async def client(request: pytest.FixtureRequest, prefix: str) -> AsyncIterator[Any]:
+    made: Any
+    if request.param == "fake":
+        made = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=True)
+    else:
+        made = aioredis.Redis.from_url(request.getfixturevalue("redis_url"), decode_responses=True)
+    try:
+        yield made
+    finally:
+        await made.aclose()
+
+
+class CountingPipelines:
+    """Counts the pipelines made on a client and the commands each carried."""
+
+    def __init__(self, client: Any) -> None:
+        self.make = client.pipeline
+        self.sizes: list[int] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        pipe = self.make(*args, **kwargs)
+        real_execute = pipe.execute
+
+        async def execute(*a: Any, **kw: Any) -> Any:
+            self.sizes.append(len(pipe.command_stack))
+            return await real_execute(*a, **kw)
+
+        pipe.execute = execute
+        return pipe
+
+
+def counting(client: Any, monkeypatch: pytest.MonkeyPatch) -> CountingPipelines:
+    counter = CountingPipelines(client)
+    monkeypatch.setattr(client, "pipeline", counter)
+    return counter
+
+
+async def test_commands_issued_together_go_as_one_pipeline(
+    client: Any, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an auto-pipeline
+    auto = AutoPipeline(client)
+    pipelines = counting(client, monkeypatch)
+    # When 20 callers issue a command in the same turn
+    replies = await asyncio.gather(
+        *(auto.execute_command("INCRBY", f"{prefix}:n{i % 4}", i) for i in range(20))
+    )
+    # Then one pipeline carried all 20, and each caller got its own reply, in order per key
+    assert pipelines.sizes == [20]
+    expected: dict[int, int] = {}
+    for i, reply in enumerate(replies):
+        expected[i % 4] = expected.get(i % 4, 0) + i
+        assert reply == expected[i % 4]
+
+
+async def test_a_command_alone_goes_without_a_pipeline(
+    client: Any, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    auto = AutoPipeline(client)
+    pipelines = counting(client, monkeypatch)
+    assert await auto.execute_command("SET", f"{prefix}:k", "v") is True
+    assert await auto.execute_command("GET", f"{prefix}:k") == "v"
+    assert pipelines.sizes == []
+
+
+async def test_a_reply_error_goes_to_its_caller_only(client: Any, prefix: str) -> None:
+    # Given a key of the wrong type for one of the commands
+    await client.set(f"{prefix}:str", "x")
+    auto = AutoPipeline(client)
+    # When it is issued together with good ones
+    results = await asyncio.gather(
+        auto.execute_command("INCR", f"{prefix}:a"),
+        auto.execute_command("LPUSH", f"{prefix}:str", "y"),
+        auto.execute_command("INCR", f"{prefix}:b"),
+        return_exceptions=True,
+    )
+    # Then only that caller gets the error
+    assert results[0] == 1 and results[2] == 1
+    assert isinstance(results[1], rexc.ResponseError) and "WRONGTYPE" in str(results[1])
+
+
+async def test_a_lost_connection_fails_every_command_of_the_batch(
+    client: Any, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given pipelines whose execution loses the connection
+    make = client.pipeline
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        pipe = make(*args, **kwargs)
+
+        async def execute(*a: Any, **kw: Any) -> Any:
+            raise rexc.ConnectionError("injected: connection reset")
+
+        pipe.execute = execute
+        return pipe
+
+    monkeypatch.setattr(client, "pipeline", broken)
+    auto = AutoPipeline(client)
+    # When three commands go together, Then each caller gets the (retryable) error
+    results = await asyncio.gather(
+        *(auto.execute_command("INCR", f"{prefix}:{i}") for i in range(3)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, rexc.ConnectionError) for r in results), results
+
+
+async def test_a_cancelled_leader_does_not_take_the_others_down(client: Any, prefix: str) -> None:
+    # Given a batch forming: its first caller (which sends it) and two more
+    auto = AutoPipeline(client)
+    leader = asyncio.ensure_future(auto.execute_command("INCR", f"{prefix}:lead"))
+    others = [asyncio.ensure_future(auto.execute_command("INCR", f"{prefix}:o{i}")) for i in (1, 2)]
+    await asyncio.sleep(0)  # all three have run: the leader waits for the others to join
+    # When the leader is cancelled before it sends
+    leader.cancel()
+    # Then the others still get their replies, and the leader's command was not sent
+    assert await asyncio.gather(*others) == [1, 1]
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    assert await client.get(f"{prefix}:lead") is None
+
+
+async def test_batches_are_capped(
+    client: Any, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    auto = AutoPipeline(client, max_batch=8)
+    pipelines = counting(client, monkeypatch)
+    replies = await asyncio.gather(
+        *(auto.execute_command("INCR", f"{prefix}:c") for _ in range(20))
+    )
+    assert sorted(replies) == list(range(1, 21))
+    assert sorted(pipelines.sizes) == [4, 8, 8]
+
+
+async def test_scripts_run_through_it_and_are_loaded_when_missing(client: Any, prefix: str) -> None:
+    # Given a registered script the server does not know yet
+    script = client.register_script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    await client.script_flush()
+    auto = AutoPipeline(client)
+    # When it is called through the auto-pipeline, twice at once
+    replies = await asyncio.gather(
+        script(keys=[f"{prefix}:s"], args=[2], client=auto),
+        script(keys=[f"{prefix}:s"], args=[3], client=auto),
+    )
+    # Then both ran once (each NOSCRIPT answer loaded it and ran again)
+    assert sorted(replies) == [2, 5]
