@@ -234,8 +234,9 @@ async def test_the_readme_acl_line_runs_everything(
         # When a run was reserved but its dispatch was lost (a crash), Then the reaper
         # dispatches it and the worker runs it
         await coord.execute("a4", {"steps": 1}, delay=3600)
-        await real_redis.zrem(coord.keys.schedule, f"a4 {(await _run_id(coord, 'a4'))}")
+        # (due first: a reaper pass seeing it due later and unscheduled would schedule it again)
         await real_redis.hset(coord.keys.runner("a4"), "due_at", now_ms() - 1000)
+        await real_redis.zrem(coord.keys.schedule, f"a4 {(await _run_id(coord, 'a4'))}")
         # And a run in this process whose worker died is ended by the reaper, naming it
         local = await coord.try_reserve("a5")
         handle = await coord.claim("a5", local.run_id, "ghost")

@@ -182,8 +182,10 @@ async def test_a_heartbeat_that_sees_the_runs_own_end_does_not_stop_it(
     # Given a run in flight on a worker
     worker = await start_worker()
     res = await coord.execute("s1", {"kind": "quiet", "steps": 3000, "delay": 0.01})
-    await wait_status(coord, "s1", "running")
-    running = worker._running[("s1", res.run_id)]
+    running = await eventually(
+        lambda: asyncio.sleep(0, worker._running.get(("s1", res.run_id))), what="the run"
+    )
+    assert running is not None
     # When a heartbeat reads the run as ended by this very attempt (its finish landed while
     # the beat was reading, before the worker marked the run ended)
     worker._check_owners([RunOwner("s1", res.run_id, res.run_id, "completed", 1, worker.id)])
