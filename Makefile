@@ -1,5 +1,5 @@
 # runstate developer tasks. Needs only python3 (with venv) and make.
-#   make install   create .venv and install runstate[dev,embedded,http] (editable)
+#   make install   create .venv and install runstate[dev,embedded,http,fast] (editable)
 #   make test      run the test suite (without the chaos tests)
 #   make chaos     run the chaos tests: Redis killed and paused, connections cut, load
 #   make lint      ruff check, ruff format --check, mypy
@@ -22,7 +22,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --upgrade pip
-	$(VPY) -m pip install -e ".[dev,embedded,http]"
+	$(VPY) -m pip install -e ".[dev,embedded,http,fast]"
 	touch $(STAMP)
 
 lint: install
