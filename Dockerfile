@@ -4,5 +4,5 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY runstate ./runstate
 COPY workers ./workers
-RUN pip install --no-cache-dir ".[http]"
+RUN pip install --no-cache-dir ".[http,fast]"
 ENV PYTHONUNBUFFERED=1
