@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import Any
+import inspect
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
 
 from .cancellation import CancelToken
 from .codec import EncodedEvent
@@ -20,6 +21,8 @@ UNKNOWN_OUTCOME: tuple[type[BaseException], ...] = (
     asyncio.CancelledError,
     *TRANSIENT_ERRORS,
 )
+
+T = TypeVar("T")
 
 
 class RunHandle:
@@ -82,6 +85,39 @@ class RunHandle:
         self._raise_flush_error()
         if self.token.cancel_called:
             raise RunCancelled(self.session_id, self.run_id, self.token.reason or "cancelled")
+
+    async def cancellable(self, awaitable: Awaitable[T]) -> T:
+        """Await ``awaitable`` (e.g. a model call) as a safe point that does not wait for it.
+
+        Returns its result; if the run is cancelled first, the awaitable's task is cancelled
+        and :class:`RunCancelled` is raised the moment the cancel arrives, not after the call.
+
+        Raises:
+            RunCancelled: the run was cancelled (before or while waiting).
+        """
+        try:
+            await self.checkpoint()
+        except BaseException:
+            if inspect.iscoroutine(awaitable):
+                awaitable.close()  # never started: no "never awaited" warning
+            raise
+        work = asyncio.ensure_future(awaitable)
+        if not work.done():
+            stop = asyncio.ensure_future(self.token.wait())
+            try:
+                done, _ = await asyncio.wait((work, stop), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+                if not work.done():  # cancelled, or our own task is being cancelled
+                    work.cancel()
+                    await asyncio.gather(work, return_exceptions=True)
+            if work not in done:
+                raise RunCancelled(self.session_id, self.run_id, self.token.reason or "cancelled")
+        return work.result()
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait ``seconds``, or raise :class:`RunCancelled` as soon as the run is cancelled."""
+        await self.cancellable(asyncio.sleep(seconds))
 
     async def emit(self, event: AgentEvent | JSONObject) -> str:
         """Write one event (a model, or a dict with a ``type``); returns its stream id."""

@@ -448,3 +448,104 @@ async def test_old_run_stops_at_its_checkpoint_without_touching_the_new_one(
     assert not new.cancelled
     fields = await redis.hgetall(coord.keys.runner("s1"))
     assert (fields["run_id"], fields["status"], fields["seq"]) == (new.run_id, "running", "1")
+
+
+# ---- waiting safe points: cancellable() and sleep() -----------------------------------------
+
+
+async def test_a_cancel_interrupts_a_run_waiting_in_sleep(coord: Coordinator, redis: Redis) -> None:
+    # Given a run waiting in a long sleep (say, a slow model call)
+    handle = await start_run(coord, "s1")
+    waiting = asyncio.create_task(handle.sleep(60))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+
+    # When another process cancels it
+    other = Coordinator(redis, prefix=coord.prefix)
+    try:
+        assert await other.cancel("s1", "user pressed stop")
+    finally:
+        await other.aclose()
+
+    # Then the wait raises at once, long before the minute is up
+    with pytest.raises(RunCancelled) as stopped:
+        await within(waiting, 5.0)
+    assert stopped.value.run_id == handle.run_id
+
+
+async def test_cancellable_cancels_the_call_it_waits_for(coord: Coordinator) -> None:
+    handle = await start_run(coord, "s1")
+    started, interrupted = asyncio.Event(), asyncio.Event()
+
+    async def model_call() -> str:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            interrupted.set()
+            raise
+        return "late"
+
+    waiting = asyncio.create_task(handle.cancellable(model_call()))
+    await within(started.wait())
+    handle.token.cancel("stop")  # what the cancel watcher does when the cancel arrives
+    with pytest.raises(RunCancelled):
+        await within(waiting)
+    assert interrupted.is_set()  # the call itself was cancelled, not left running
+
+
+async def test_cancellable_returns_the_result_or_the_error_of_the_call(
+    coord: Coordinator,
+) -> None:
+    handle = await start_run(coord, "s1")
+
+    async def answer() -> int:
+        await asyncio.sleep(0.01)
+        return 42
+
+    async def broken() -> int:
+        raise ValueError("model said no")
+
+    assert await handle.cancellable(answer()) == 42
+    assert await handle.cancellable(asyncio.sleep(0, result="done")) == "done"
+    with pytest.raises(ValueError, match="model said no"):
+        await handle.cancellable(broken())
+    await handle.sleep(0.01)  # not cancelled: just waits
+
+
+async def test_cancellable_of_a_cancelled_run_does_not_start_the_call(
+    coord: Coordinator, recwarn: pytest.WarningsRecorder
+) -> None:
+    handle = await start_run(coord, "s1")
+    handle.token.cancel("gone")
+    ran = []
+
+    async def call() -> None:
+        ran.append(1)
+
+    with pytest.raises(RunCancelled):
+        await handle.cancellable(call())
+    assert ran == []
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+
+async def test_cancelling_the_waiting_task_cancels_the_call(coord: Coordinator) -> None:
+    # A worker shutdown cancels the run's task outright: the call must not be left behind.
+    handle = await start_run(coord, "s1")
+    started, interrupted = asyncio.Event(), asyncio.Event()
+
+    async def model_call() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            interrupted.set()
+            raise
+
+    waiting = asyncio.create_task(handle.cancellable(model_call()))
+    await within(started.wait())
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await within(waiting)
+    assert interrupted.is_set()
+    assert not handle.cancelled  # the run itself was not cancelled

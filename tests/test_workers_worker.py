@@ -113,6 +113,33 @@ async def test_a_complete_event_that_cannot_be_written_ends_the_run_as_error(
     assert state.error.startswith("the run returned, but its complete event was refused")
 
 
+async def test_a_cancel_interrupts_an_agent_waiting_in_ctx_sleep(
+    coord: Coordinator, start_worker: StartWorker
+) -> None:
+    # Given an agent waiting on a long call, through ctx.sleep / ctx.cancellable
+    waiting = asyncio.Event()
+    outcome: list[str] = []
+
+    async def slow_agent(ctx: RunContext) -> None:
+        waiting.set()
+        try:
+            await ctx.cancellable(ctx.sleep(3600))
+        except RunCancelled:
+            outcome.append("interrupted")
+            raise
+
+    await start_worker(slow_agent)
+    await coord.execute("s1")
+    await asyncio.wait_for(waiting.wait(), 10)
+    # When the run is cancelled, the wait ends at once and the run ends cancelled
+    assert await coord.cancel("s1", "user pressed stop")
+    await eventually(lambda: asyncio.sleep(0, outcome), what="the agent to be interrupted")
+    assert outcome == ["interrupted"]
+    await wait_status(coord, "s1", "cancelled")
+    events = await stream_events(coord, "s1")
+    assert events[-1]["type"] == "cancelled" and events[-1]["message"] == "user pressed stop"
+
+
 async def test_cancel_stops_the_run_at_its_next_safe_point(
     coord: Coordinator, start_worker: StartWorker, tmp_path: Path
 ) -> None:

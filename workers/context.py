@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from runstate import Coordinator, RunCancelled, RunHandle, RunstateError, StaleRunError
 from runstate.cancellation import CancelToken
@@ -18,6 +18,7 @@ from runstate.retry import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 TERMINAL_STATUS = {"complete": "completed", "cancelled": "cancelled", "error": "error"}
 
 
@@ -137,6 +138,16 @@ class RunContext:
             RunCancelled: the run was cancelled; let it propagate.
         """
         await self._handle.checkpoint()
+
+    async def cancellable(self, awaitable: Awaitable[T]) -> T:
+        """Await ``awaitable`` (e.g. a model call) as a safe point that does not wait for it:
+        a cancel cancels it and raises :class:`~runstate.RunCancelled` at once.
+        See :meth:`runstate.RunHandle.cancellable`."""
+        return await self._handle.cancellable(awaitable)
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait ``seconds``, or raise :class:`~runstate.RunCancelled` as soon as cancelled."""
+        await self._handle.sleep(seconds)
 
     async def emit(self, event: AgentEvent | JSONObject) -> str:
         """Write one event to the session's stream; returns its stream id.
