@@ -98,8 +98,13 @@ class CancelWatcher:
                 self._deliver(sid, run_id)
 
     async def _poll_loop(self) -> None:
+        # On a fixed cadence: a slow poll does not push the next one back, so a cancel whose
+        # nudge was lost waits at most one interval (plus the read) whatever the polls cost.
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:
-            await asyncio.sleep(self.poll_interval)
+            due = max(due + self.poll_interval, loop.time())
+            await asyncio.sleep(due - loop.time())
             try:
                 await self.poll()
             except Exception as exc:  # never let a poll kill the watcher

@@ -460,13 +460,17 @@ class Store:
                 self.keys.cancel_channel,
                 session_id,
             ],
+            extra_keys=() if self.cluster else (self.keys.active, self.keys.schedule),
         )
         if res[0] != "cancelled":
             return CancelOutcome(False, res[2] or None, res[1], [])
         return CancelOutcome(True, res[1], res[2], list(res[3:]))
 
     async def after_cancel(self, session_id: str, run_id: str) -> None:
-        """The global side of a cancel (the nudge went out with the cancel itself)."""
+        """The global side of a cancel on a cluster: out of the active index and the schedule.
+        (On a single server the cancel script did it, in the same round trip.)"""
+        if not self.cluster:
+            return
         schedule, member = self.keys.schedule, run_ref(session_id, run_id)
         await self.unindex(session_id, lambda pipe: pipe.zrem(schedule, member))
 

@@ -426,9 +426,10 @@ async def test_an_active_index_of_another_type_is_a_clear_error(
     handle = await coord.claim("s1", reserved.run_id, "w1")
     await redis.delete(coord.keys.active)
     await redis.set(coord.keys.active, "junk")
-    # When the run completes, and another run is executed
+    # When the run completes, or is cancelled, and another run is executed
     # Then each error names the index
     await _outcome(handle.complete(), coord.keys.active)
+    await _outcome(coord.cancel("s1"), coord.keys.active)
     await _outcome(coord.execute("s2"), coord.keys.active)
     if not coord.store.cluster:  # one script each there: refused before anything was written
         state = await coord.runner("s1")
@@ -445,6 +446,13 @@ async def test_a_schedule_key_of_another_type_is_a_clear_error(
     await _outcome(coord.execute("s1", delay=60), coord.keys.schedule)
     # And a run for now is not held up by it
     assert isinstance(await coord.execute("s2"), Reserved)
+    # And its cancel names the schedule key too, having changed nothing (one script), or
+    # (on a cluster, where the schedule is updated apart) lands and skips the junk
+    cancelled = await _outcome(coord.cancel("s2"), coord.keys.schedule)
+    assert cancelled is (True if coord.store.cluster else None)
+    state = await coord.runner("s2")
+    assert state is not None
+    assert state.status == ("cancelled" if coord.store.cluster else "pending")
 
 
 async def test_junk_on_the_cancel_channel_is_ignored_and_cancels_still_land(

@@ -150,10 +150,19 @@ async def measure(url: str, tag: str) -> dict[str, Any]:
     with Procs() as procs:
         raw = await measure_raw(url, tag, procs, n)
         pubsub = await measure_worker(url, tag, procs, "pubsub", "suite.cancel_agent:agent", n)
+        waiting = await measure_worker(
+            url, tag, procs, "waiting", "suite.cancel_agent_wait:agent", n
+        )
         polled = await measure_worker(
             url, tag, procs, "polling", "suite.cancel_agent_nopubsub:agent", n
         )
-    return {"cancels_per_rep": n, "raw": raw, "pubsub": pubsub, "polling": polled}
+    return {
+        "cancels_per_rep": n,
+        "raw": raw,
+        "pubsub": pubsub,
+        "waiting": waiting,
+        "polling": polled,
+    }
 
 
 def run() -> list[Section]:
@@ -161,12 +170,15 @@ def run() -> list[Section]:
     with redis_server(tag) as url:
         data = asyncio.run(measure(url, tag))
     raw, pubsub, polled = data["raw"], data["pubsub"], data["polling"]
+    waiting = data["waiting"]
     poll_ms = POLL_INTERVAL * 1000
     section = Section(
         "4. Cancel latency: `coord.cancel()` → `checkpoint()` raising in a worker process",
         f"{data['cancels_per_rep']} cancels per repetition, median over {reps()} repetitions "
         "of the per-repetition p50 / p99 (with so few samples, a p99 is about the slowest "
-        "cancel). The agent checks every ~0.5 ms (asyncio rounds that sleep up to 1 ms). "
+        "cancel). The agent checks every ~0.5 ms (asyncio rounds that sleep up to 1 ms); "
+        "a second agent waits in `ctx.sleep(3600)`, which the cancel interrupts, so that "
+        "row is the delivery alone. "
         "Baseline with pub/sub: raw `PUBLISH` → a plain redis-py subscriber in another "
         "process, timed the same way.",
         data=data,
@@ -185,6 +197,20 @@ def run() -> list[Section]:
             fmt_ms(pubsub["p50"]),
             f"raw PUBLISH p50 {fmt_ms(raw['p50'])}",
             fmt_ratio(ratio(pubsub["p50"], raw["p50"])),
+        ),
+        Row(
+            "with pub/sub, the agent waiting in `ctx.sleep()`: p99",
+            fmt_ms(waiting["p99"]),
+            f"raw PUBLISH p99 {fmt_ms(raw['p99'])}",
+            fmt_ratio(ratio(waiting["p99"], raw["p99"])),
+            "≤ 2 ms",
+            waiting["p99"] <= 2.0,
+        ),
+        Row(
+            "with pub/sub, waiting in `ctx.sleep()`: p50",
+            fmt_ms(waiting["p50"]),
+            f"raw PUBLISH p50 {fmt_ms(raw['p50'])}",
+            fmt_ratio(ratio(waiting["p50"], raw["p50"])),
         ),
         Row(
             f"pub/sub blocked, markers polled every {poll_ms:g} ms: p99",
@@ -208,7 +234,7 @@ def run() -> list[Section]:
         f"{fmt_ms(pubsub['max'])} with pub/sub, {fmt_ms(polled['max'])} polling, raw "
         f"{fmt_ms(raw['max'])}."
     )
-    for name, worker in (("pub/sub", pubsub), ("polling", polled)):
+    for name, worker in (("pub/sub", pubsub), ("waiting", waiting), ("polling", polled)):
         if worker["unexpected_starts"] or worker["runs_started"] != worker["runs_executed"]:
             section.notes.append(
                 f"**Anomaly** ({name} worker): {worker['runs_executed']} runs executed, the "

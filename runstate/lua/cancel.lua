@@ -12,10 +12,27 @@
 -- ARGV[8] cancel marker TTL seconds
 -- ARGV[9] the cancel channel (a channel, not a key: publishing stays Cluster-safe)
 -- ARGV[10] the session id; the nudge is '<session> <run_id>' (keys.run_ref's format)
+-- KEYS[6], KEYS[7] optional, single server only: the active index and the schedule; a cancelled
+--         run leaves both here (on a cluster the client's pipeline does it)
 -- returns {'cancelled', run_id, previous_status, child...} | {'none', status, run_id}
+
+local ACTIVE, SCHEDULE = KEYS[6], KEYS[7]
+if ACTIVE then
+  local refused = refuse_global('cancel', ACTIVE, 'zset', 'ZREM')
+    or refuse_global('cancel', SCHEDULE, 'zset', 'ZREM')
+  if refused then return refused end
+end
+
+local function unindex(run_id)
+  if ACTIVE then
+    redis.call('ZREM', ACTIVE, ARGV[10])
+    redis.call('ZREM', SCHEDULE, ARGV[10] .. ' ' .. run_id)
+  end
+end
 
 local h = redis.call('HMGET', RUNNER, 'run_id', 'status', 'cancel_nonce', 'parent', 'seq')
 if h[2] == 'cancelled' and h[3] == ARGV[5] then
+  unindex(h[1])
   return {'cancelled', h[1], 'cancelled', unpack(redis.call('SMEMBERS', CHILDREN))}
 end
 if not is_active(h[2]) or (ARGV[6] ~= '' and h[1] ~= ARGV[6])
@@ -34,4 +51,5 @@ if h[2] == 'running' then
 end
 local children = redis.call('SMEMBERS', CHILDREN)
 expire_session(ARGV[3])
+unindex(h[1])
 return {'cancelled', h[1], h[2], unpack(children)}
