@@ -228,8 +228,8 @@ def run() -> list[Section]:
         ),
     ]
     section.notes.append(
-        "The `coord.cancel()` call itself (the cancel script, which publishes the nudge, "
-        f"then the index update) "
+        "The `coord.cancel()` call itself (one script: it writes the cancel, publishes the "
+        "nudge and drops the run from the active index and the schedule) "
         f"takes {fmt_ms(pubsub['cancel_call_p50'])} at p50; slowest cancel seen: "
         f"{fmt_ms(pubsub['max'])} with pub/sub, {fmt_ms(polled['max'])} polling, raw "
         f"{fmt_ms(raw['max'])}."
