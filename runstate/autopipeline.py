@@ -1,10 +1,12 @@
-"""Automatic pipelining: the commands issued in one turn of the event loop go as one pipeline.
+"""Automatic pipelining: commands issued while others are in flight go together, as one pipeline.
 
 Many runs share a process: a worker claims the runs one read brought, a subscriber process
 starts the runs whose predecessors ended together. Sent one by one, each command costs a write,
 a read and a pooled connection of its own; sent together they cost one of each, however many
 callers issued them (ioredis's ``enableAutoPipelining``, which BullMQ relies on, works the same
-way). A command issued alone still goes alone, with no pipeline around it.
+way). A command issued while none of ours is in flight goes at once, alone, with no pipeline
+around it and no turn of the event loop spent waiting for company: one caller awaiting its
+commands one by one (a run emitting event after event) pays nothing for the batching.
 
 Only for short commands: a blocking read would hold up every command queued behind it. Each
 command keeps its own outcome: a reply error goes to its caller only; a lost connection fails
@@ -27,11 +29,11 @@ MAX_BATCH = 128
 class AutoPipeline:
     """Queues commands and sends each turn's batch as one pipeline on ``client``.
 
-    The first command of a turn leads: it yields once, so that the commands issued in the same
-    turn join it, then sends them all and hands each its reply. A command alone goes as a plain
-    command. Offers what :class:`redis.commands.core.AsyncScript` calls on a client
-    (``evalsha``, ``script_load``), so a registered script runs batched with
-    ``script(..., client=this)``.
+    A command issued while nothing is in flight goes at once as a plain command. Otherwise the
+    first one leads a batch: it yields once, so that the commands issued in the same turn join
+    it, then sends them all and hands each its reply. Offers what
+    :class:`redis.commands.core.AsyncScript` calls on a client (``evalsha``, ``script_load``),
+    so a registered script runs batched with ``script(..., client=this)``.
     """
 
     def __init__(self, client: Redis, max_batch: int = MAX_BATCH) -> None:
@@ -39,6 +41,7 @@ class AutoPipeline:
         self._max_batch = max_batch
         self._forming: list[tuple[tuple[Any, ...], asyncio.Future[Any] | None]] | None = None
         self._orphans: set[asyncio.Task[Any]] = set()  # kept until done
+        self._in_flight = 0  # commands and batches sent and not answered yet
 
     async def execute_command(self, *args: Any) -> Any:
         batch = self._forming
@@ -46,6 +49,8 @@ class AutoPipeline:
             future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             batch.append((args, future))
             return await future
+        if not self._in_flight:
+            return await self._plain(args)
         batch = self._forming = [(args, None)]
         try:
             await asyncio.sleep(0)  # the commands issued in this turn join the batch
@@ -60,8 +65,15 @@ class AutoPipeline:
         if self._forming is batch:
             self._forming = None
         if len(batch) == 1:
-            return await self._client.execute_command(*args)  # type: ignore[no-untyped-call]
+            return await self._plain(args)
         return await self._send(batch)
+
+    async def _plain(self, args: tuple[Any, ...]) -> Any:
+        self._in_flight += 1
+        try:
+            return await self._client.execute_command(*args)  # type: ignore[no-untyped-call]
+        finally:
+            self._in_flight -= 1
 
     def _orphan_done(self, task: asyncio.Task[Any]) -> None:
         self._orphans.discard(task)
@@ -77,6 +89,7 @@ class AutoPipeline:
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any] | None]]) -> Any:
         """Send ``batch`` as one pipeline; returns the reply of its first command if that one
         has no future (the leader's), after handing the others theirs."""
+        self._in_flight += 1
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for args, _ in batch:
@@ -90,6 +103,8 @@ class AutoPipeline:
                 if future is not None and not future.done():
                     future.set_exception(error)
             raise
+        finally:
+            self._in_flight -= 1
         for (_, future), result in zip(batch, results, strict=True):
             if future is None or future.done():  # the leader's, or its caller is gone
                 continue

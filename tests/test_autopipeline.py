@@ -62,8 +62,9 @@ async def test_commands_issued_together_go_as_one_pipeline(
     replies = await asyncio.gather(
         *(auto.execute_command("INCRBY", f"{prefix}:n{i % 4}", i) for i in range(20))
     )
-    # Then one pipeline carried all 20, and each caller got its own reply, in order per key
-    assert pipelines.sizes == [20]
+    # Then the first went at once (nothing was in flight), one pipeline carried the other 19,
+    # and each caller got its own reply, in order per key
+    assert pipelines.sizes == [19]
     expected: dict[int, int] = {}
     for i, reply in enumerate(replies):
         expected[i % 4] = expected.get(i % 4, 0) + i
@@ -78,6 +79,25 @@ async def test_a_command_alone_goes_without_a_pipeline(
     assert await auto.execute_command("SET", f"{prefix}:k", "v") is True
     assert await auto.execute_command("GET", f"{prefix}:k") == "v"
     assert pipelines.sizes == []
+
+
+async def test_a_command_alone_is_sent_without_waiting_a_turn(
+    client: Any, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A caller awaiting its commands one by one must not pay a loop turn per command
+    auto = AutoPipeline(client)
+    handed: list[tuple[Any, ...]] = []
+    send = client.execute_command
+
+    async def recording(*args: Any, **kwargs: Any) -> Any:
+        handed.append(args)
+        return await send(*args, **kwargs)
+
+    monkeypatch.setattr(client, "execute_command", recording)
+    sent = asyncio.ensure_future(auto.execute_command("SET", f"{prefix}:k", "v"))
+    await asyncio.sleep(0)  # the task's first step: with nothing in flight, it sends at once
+    assert handed == [("SET", f"{prefix}:k", "v")]
+    assert await sent is True
 
 
 async def test_a_reply_error_goes_to_its_caller_only(client: Any, prefix: str) -> None:
@@ -113,20 +133,24 @@ async def test_a_lost_connection_fails_every_command_of_the_batch(
 
     monkeypatch.setattr(client, "pipeline", broken)
     auto = AutoPipeline(client)
-    # When three commands go together, Then each caller gets the (retryable) error
+    # When four commands go together (the first alone, at once: nothing was in flight)
     results = await asyncio.gather(
-        *(auto.execute_command("INCR", f"{prefix}:{i}") for i in range(3)),
+        *(auto.execute_command("INCR", f"{prefix}:{i}") for i in range(4)),
         return_exceptions=True,
     )
-    assert all(isinstance(r, rexc.ConnectionError) for r in results), results
+    # Then each caller of the batch gets the (retryable) error
+    assert results[0] == 1
+    assert all(isinstance(r, rexc.ConnectionError) for r in results[1:]), results
 
 
 async def test_a_cancelled_leader_does_not_take_the_others_down(client: Any, prefix: str) -> None:
-    # Given a batch forming: its first caller (which sends it) and two more
+    # Given a command in flight, and a batch forming behind it: its first caller (which sends
+    # it) and two more
     auto = AutoPipeline(client)
+    opener = asyncio.ensure_future(auto.execute_command("INCR", f"{prefix}:open"))
     leader = asyncio.ensure_future(auto.execute_command("INCR", f"{prefix}:lead"))
     others = [asyncio.ensure_future(auto.execute_command("INCR", f"{prefix}:o{i}")) for i in (1, 2)]
-    await asyncio.sleep(0)  # all three have run: the leader waits for the others to join
+    await asyncio.sleep(0)  # all four have run: the leader waits for the others to join
     # When the leader is cancelled before it sends
     leader.cancel()
     # Then the others still get their replies, and the leader's command was not sent
@@ -134,6 +158,7 @@ async def test_a_cancelled_leader_does_not_take_the_others_down(client: Any, pre
     with pytest.raises(asyncio.CancelledError):
         await leader
     assert await client.get(f"{prefix}:lead") is None
+    assert await opener == 1
 
 
 async def test_batches_are_capped(
@@ -145,7 +170,7 @@ async def test_batches_are_capped(
         *(auto.execute_command("INCR", f"{prefix}:c") for _ in range(20))
     )
     assert sorted(replies) == list(range(1, 21))
-    assert sorted(pipelines.sizes) == [4, 8, 8]
+    assert sorted(pipelines.sizes) == [3, 8, 8]  # the first went alone, at once
 
 
 async def test_scripts_run_through_it_and_are_loaded_when_missing(client: Any, prefix: str) -> None:
