@@ -473,25 +473,31 @@ async def test_a_cancel_interrupts_a_run_waiting_in_sleep(coord: Coordinator, re
     assert stopped.value.run_id == handle.run_id
 
 
-async def test_cancellable_cancels_the_call_it_waits_for(coord: Coordinator) -> None:
-    handle = await start_run(coord, "s1")
-    started, interrupted = asyncio.Event(), asyncio.Event()
+class SlowCall:
+    """A stand-in for a slow model call that notes when it starts and when it is cancelled."""
 
-    async def model_call() -> str:
-        started.set()
+    def __init__(self) -> None:
+        self.started, self.interrupted = asyncio.Event(), asyncio.Event()
+
+    async def __call__(self) -> str:
+        self.started.set()
         try:
             await asyncio.sleep(60)
         except asyncio.CancelledError:
-            interrupted.set()
+            self.interrupted.set()
             raise
         return "late"
 
-    waiting = asyncio.create_task(handle.cancellable(model_call()))
-    await within(started.wait())
+
+async def test_cancellable_cancels_the_call_it_waits_for(coord: Coordinator) -> None:
+    handle = await start_run(coord, "s1")
+    call = SlowCall()
+    waiting = asyncio.create_task(handle.cancellable(call()))
+    await within(call.started.wait())
     handle.token.cancel("stop")  # what the cancel watcher does when the cancel arrives
     with pytest.raises(RunCancelled):
         await within(waiting)
-    assert interrupted.is_set()  # the call itself was cancelled, not left running
+    assert call.interrupted.is_set()  # the call itself was cancelled, not left running
 
 
 async def test_cancellable_returns_the_result_or_the_error_of_the_call(
@@ -532,20 +538,11 @@ async def test_cancellable_of_a_cancelled_run_does_not_start_the_call(
 async def test_cancelling_the_waiting_task_cancels_the_call(coord: Coordinator) -> None:
     # A worker shutdown cancels the run's task outright: the call must not be left behind.
     handle = await start_run(coord, "s1")
-    started, interrupted = asyncio.Event(), asyncio.Event()
-
-    async def model_call() -> None:
-        started.set()
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            interrupted.set()
-            raise
-
-    waiting = asyncio.create_task(handle.cancellable(model_call()))
-    await within(started.wait())
+    call = SlowCall()
+    waiting = asyncio.create_task(handle.cancellable(call()))
+    await within(call.started.wait())
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await within(waiting)
-    assert interrupted.is_set()
+    assert call.interrupted.is_set()
     assert not handle.cancelled  # the run itself was not cancelled
