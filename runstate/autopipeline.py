@@ -17,10 +17,12 @@ without batching (every operation runstate sends this way is fenced or idempoten
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 from redis import exceptions as rexc
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 
 # The most commands one pipeline carries; more queued in one turn go in several.
 MAX_BATCH = 128
@@ -82,6 +84,17 @@ class AutoPipeline:
 
     async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
         return await self.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
+
+    async def run_script(
+        self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]
+    ) -> Any:
+        """``script(keys, args, client=self)`` for less: EVALSHA, loading the script on
+        NOSCRIPT, without redis-py's per-call bookkeeping (a quarter of an emit's Python time)."""
+        try:
+            return await self.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        except rexc.NoScriptError:
+            script.sha = await self._client.script_load(script.script)
+            return await self.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
 
     async def script_load(self, script: str) -> Any:
         return await self._client.script_load(script)

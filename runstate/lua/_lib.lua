@@ -22,8 +22,9 @@ end
 
 -- The position of the session's stream: {ms, n} of its last entry. n is the session's event
 -- ordinal (1, 2, 3, ... across runs), so a subscriber can tell exactly how many events it missed.
-local function stream_position()
-  local last = redis.call('HGET', RUNNER, 'last_event_id') or top_entry_id()
+-- known: the runner's last_event_id when the script has read it already (saves a call).
+local function stream_position(known)
+  local last = known or redis.call('HGET', RUNNER, 'last_event_id') or top_entry_id()
   if not last then return {0, 0} end
   local ms, n = split_id(last)
   return {ms, n}

@@ -17,7 +17,7 @@
 --       | {'stale', status, current_run_id}
 --       | {'seq', expected_seq}   the batch does not follow the last written event
 
-local h = redis.call('HMGET', RUNNER, 'run_id', 'status', 'attempt', 'seq')
+local h = redis.call('HMGET', RUNNER, 'run_id', 'status', 'attempt', 'seq', 'last_event_id')
 if h[1] ~= ARGV[1] or h[2] ~= 'running' or h[3] ~= ARGV[2] then
   return {'stale', h[2] or '', h[1] or ''}
 end
@@ -25,7 +25,7 @@ local seq = tonumber(h[4]) or 0
 local first = tonumber(ARGV[3])
 if first > seq + 1 then return {'seq', seq + 1} end
 
-local pos = stream_position()
+local pos = stream_position(h[5])
 local ids = {'ok'}
 if first <= seq then
   -- Nothing but this run has written since (it is running), so the events already written are

@@ -21,7 +21,7 @@ if ACTIVE then
   if refused then return refused end
 end
 
-local h = redis.call('HMGET', RUNNER, 'run_id', 'status', 'attempt', 'seq')
+local h = redis.call('HMGET', RUNNER, 'run_id', 'status', 'attempt', 'seq', 'last_event_id')
 local answer = nil
 if h[1] == ARGV[1] and h[2] == ARGV[3] and h[3] == ARGV[2] then
   answer = {'done'}
@@ -35,7 +35,7 @@ end
 local seq = (tonumber(h[4]) or 0) + 1
 redis.call('HSET', RUNNER, 'status', ARGV[3], 'completed_at', ARGV[7], 'last_event_at', ARGV[7],
   'seq', seq, 'error', ARGV[6])
-local pos = stream_position()
+local pos = stream_position(h[5])
 local id = append(pos, ARGV[8], ARGV[1], seq, ARGV[4], ARGV[5])
 save_position(pos)
 redis.call('DEL', CANCEL)
