@@ -77,4 +77,7 @@ async def test_a_run_goes_through_a_real_server(redis_url: str) -> None:
         events = [item.event async for item in coord.subscribe("sess-e1", last_event_id="0")]
         assert [e.type for e in events][-2:] == ["token", "complete"]
         assert events[-2].content == "héllo \U0001f600"
+        async with coord.client.client() as single:  # a connection the pool really made
+            await single.ping()
+            assert type(single.connection).__name__ == "HiredisConnection"
         await coord.client.delete(*[k async for k in coord.client.scan_iter("client-test:*")])
