@@ -100,10 +100,11 @@ class CancelWatcher:
     async def _poll_loop(self) -> None:
         # On a fixed cadence: a slow poll does not push the next one back, so a cancel whose
         # nudge was lost waits at most one interval (plus the read) whatever the polls cost.
+        # Polls slower than the interval (Redis struggling) still leave half of it between them.
         loop = asyncio.get_running_loop()
         due = loop.time()
         while True:
-            due = max(due + self.poll_interval, loop.time())
+            due = max(due + self.poll_interval, loop.time() + self.poll_interval / 2)
             await asyncio.sleep(due - loop.time())
             try:
                 await self.poll()

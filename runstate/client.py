@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.utils import HIREDIS_AVAILABLE  # hiredis 3 or later is installed (runstate[fast])
 
-try:  # runstate[fast]
+if HIREDIS_AVAILABLE:
     from hiredis import pack_command as _hiredis_pack
-except ImportError:  # pragma: no cover - hiredis is optional
+else:  # pragma: no cover - hiredis is optional
     _hiredis_pack = None  # type: ignore[assignment]
 
 __all__ = ["DEFAULT_SOCKET_TIMEOUT", "client_option", "connect", "is_cluster"]
@@ -52,8 +53,8 @@ class _HiredisPacking:
 
     redis-py's asyncio connection packs in Python, argument by argument: a claim or finish
     script call (15-20 arguments) spent more CPU being packed than anything else a worker does.
-    Anything hiredis will not pack (a bool, None, a lone surrogate, a memoryview) goes to
-    redis-py's own packer, which raises its usual error or packs it as before.
+    Anything hiredis will not pack (a bool, None, a lone surrogate) goes to redis-py's own
+    packer, which raises its usual error or packs it as before.
     """
 
     def pack_command(self, *args: Any) -> list[bytes]:

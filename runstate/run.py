@@ -11,7 +11,7 @@ from .cancellation import CancelToken
 from .codec import EncodedEvent
 from .errors import RedisUnavailable, RunCancelled, StaleRunError
 from .events import AgentEvent, Complete, Error, JSONObject, coerce_event
-from .retry import TRANSIENT_ERRORS
+from .retry import TRANSIENT_ERRORS, cancel_and_wait
 from .store import Claimed, Store
 
 # A write that failed with one of these may or may not have been applied.
@@ -100,6 +100,8 @@ class RunHandle:
         except BaseException:
             if inspect.iscoroutine(awaitable):
                 awaitable.close()  # never started: no "never awaited" warning
+            elif isinstance(awaitable, asyncio.Future):
+                awaitable.cancel()  # a task the caller started: it must not run on
             raise
         work = asyncio.ensure_future(awaitable)
         if not work.done():
@@ -108,9 +110,10 @@ class RunHandle:
                 done, _ = await asyncio.wait((work, stop), return_when=asyncio.FIRST_COMPLETED)
             finally:
                 stop.cancel()
-                if not work.done():  # cancelled, or our own task is being cancelled
-                    work.cancel()
-                    await asyncio.gather(work, return_exceptions=True)
+                # Cancelled, or our own task is being cancelled: the call must not run on (a
+                # cancel swallowed inside redis-py's connect is sent again).
+                await cancel_and_wait(work)
+                await asyncio.gather(stop, return_exceptions=True)
             if work not in done:
                 raise RunCancelled(self.session_id, self.run_id, self.token.reason or "cancelled")
         return work.result()

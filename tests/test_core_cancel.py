@@ -533,6 +533,15 @@ async def test_cancellable_of_a_cancelled_run_does_not_start_the_call(
         await handle.cancellable(call())
     assert ran == []
     assert not [w for w in recwarn if "never awaited" in str(w.message)]
+    # and a task the caller already started is cancelled, not left running
+    slow = SlowCall()
+    started = asyncio.ensure_future(slow())
+    await within(slow.started.wait())
+    with pytest.raises(RunCancelled):
+        await handle.cancellable(started)
+    with pytest.raises(asyncio.CancelledError):
+        await within(started)
+    assert slow.interrupted.is_set()
 
 
 async def test_cancelling_the_waiting_task_cancels_the_call(coord: Coordinator) -> None:
