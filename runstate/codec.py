@@ -1,4 +1,5 @@
-"""How runstate's values look in Redis: stream ids, stream entries, timestamps, emit arguments.
+"""How runstate's values look in Redis: stream ids, stream entries, timestamps, emit arguments,
+payloads.
 
 Pure functions and types, no I/O: the store writes and reads with them, the subscription hub
 decodes entries and orders ids with them.
@@ -6,16 +7,26 @@ decodes entries and orders ids with them.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from .events import StreamEvent, parse_event
+from .errors import EventTooLarge
+from .events import AgentEvent, StreamEvent, dump_event, parse_event
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EncodedEvent", "decode_entry", "pairs", "parse_stream_id", "utcnow"]
+__all__ = [
+    "EncodedEvent",
+    "decode_entry",
+    "encode_events",
+    "encode_payload",
+    "pairs",
+    "parse_stream_id",
+    "utcnow",
+]
 
 
 def utcnow() -> str:
@@ -63,3 +74,42 @@ class EncodedEvent(NamedTuple):
     type: str
     data: str
     meta: str  # '' for a plain event; else the JSON of its flags, tool, round and dedupe
+
+
+def encode_events(events: Sequence[AgentEvent], max_bytes: int) -> list[EncodedEvent]:
+    """Events as emit.lua takes them; raises EventTooLarge before anything is sent."""
+    out = []
+    for event in events:
+        tool = event.tool_update()
+        rounds = event.round_count_update()
+        dedupe = event.dedupe() if event.is_critical else None
+        flags = ("c" if event.is_critical else "") + ("b" if event.is_budget else "")
+        meta = ""
+        if flags or tool or rounds is not None:
+            meta = json.dumps(
+                [
+                    flags,
+                    (tool[0] or "") if tool else "",
+                    tool[1] if tool else "",
+                    "" if rounds is None else str(rounds),
+                    dedupe[0] if dedupe else "",
+                    dedupe[1] if dedupe else "",
+                ],
+                separators=(",", ":"),
+            )
+        out.append(EncodedEvent(event.type, dump_event(event, max_bytes), meta))
+    return out
+
+
+def encode_payload(payload: Any, max_bytes: int) -> str:
+    """A run's payload as JSON ('' for None); TypeError if it is not JSON, EventTooLarge if it
+    is over ``max_bytes``."""
+    if payload is None:
+        return ""
+    try:
+        data = json.dumps(payload, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"payload must be JSON-serialisable, got {payload!r:.200}: {exc}") from exc
+    if len(data.encode()) > max_bytes:
+        raise EventTooLarge(f"payload is {len(data.encode())} bytes, over the limit of {max_bytes}")
+    return data

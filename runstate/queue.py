@@ -26,7 +26,8 @@ from .errors import RunCancelled, RunstateError, RunSuperseded, StaleRunError
 from .events import Error, dump_event
 from .keys import QUEUE_GROUP, parse_run_ref, run_ref, validate_session_id
 from .queue_records import ConsumerInfo, QueueEntry, RunOwner, RunProbe, int_or_none, iso_ms
-from .store import Store, junk_tolerant, load_lua
+from .replies import junk_tolerant
+from .store import Store, load_lua
 
 log = logging.getLogger(__name__)
 

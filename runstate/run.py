@@ -11,8 +11,9 @@ from .cancellation import CancelToken
 from .codec import EncodedEvent
 from .errors import RedisUnavailable, RunCancelled, StaleRunError
 from .events import AgentEvent, Complete, Error, JSONObject, coerce_event
+from .replies import Claimed
 from .retry import TRANSIENT_ERRORS, cancel_and_wait
-from .store import Claimed, Store
+from .store import Store
 
 # A write that failed with one of these may or may not have been applied.
 # (Cancelled too: a write cancelled in flight may or may not have reached Redis.)

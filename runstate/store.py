@@ -1,8 +1,11 @@
 """The one module that talks to Redis: Lua scripts and commands behind typed methods.
 
 Every per-session operation is one Lua script (``runstate/lua/<name>.lua``, with the shared
-``_lib.lua`` prepended) over the session's hash-tagged keys; global indexes (queue, schedule,
-active) are written by separate idempotent commands that the reaper can repair.
+``_lib.lua`` prepended) over the session's hash-tagged keys. On a single server the script also
+updates the global indexes (queue, schedule, active) it touches, in the same round trip; on a
+Redis Cluster, where those keys live in other slots, idempotent commands pipelined with the
+script do it, and the reaper repairs what a lost connection left half done. What the scripts
+answer, and the errors made of their failures, are in :mod:`runstate.replies`.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import json
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, cast
@@ -22,11 +24,12 @@ from redis.commands.core import AsyncScript
 
 from .autopipeline import AutoPipeline
 from .client import is_cluster
-from .codec import EncodedEvent, decode_entry, pairs, utcnow
-from .errors import EventTooLarge, RunCancelled, RunstateError, RunSuperseded, StaleRunError
+from .codec import EncodedEvent, decode_entry, encode_events, encode_payload, pairs, utcnow
+from .errors import RunCancelled, RunstateError, RunSuperseded, StaleRunError
 from .events import DEFAULT_MAX_EVENT_BYTES, AgentEvent, StreamEvent, dump_event, parse_event
 from .keys import QUEUE_GROUP, Keys, run_ref, validate_session_id
 from .models import AlreadyRunning, Reserved, ReserveResult, RunnerState
+from .replies import CancelOutcome, Claimed, Snapshot, junk_tolerant, not_text, wrong_type
 from .retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -41,40 +44,6 @@ def load_lua(name: str) -> str:
     """The source of script ``name`` with the shared helpers prepended."""
     folder = resources.files("runstate") / "lua"
     return (folder / "_lib.lua").read_text() + "\n" + (folder / f"{name}.lua").read_text()
-
-
-@dataclass(frozen=True, slots=True)
-class Claimed:
-    """A run a worker now owns."""
-
-    session_id: str
-    run_id: str
-    attempt: int
-    seq: int
-    payload: Any
-    parent: str | None
-    event_id: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """Where a new subscriber starts: what to replay, and the stream id live events follow."""
-
-    run_id: str | None
-    status: str | None
-    last_id: str
-    budget: AgentEvent | None
-    critical: list[AgentEvent]
-    terminal: StreamEvent | None
-    wake_id: str | None = None  # the entry written to the reader's wake-up stream, if any
-
-
-@dataclass(frozen=True, slots=True)
-class CancelOutcome:
-    cancelled: bool
-    run_id: str | None
-    previous_status: str
-    children: list[str]
 
 
 class Store:
@@ -153,7 +122,7 @@ class Store:
                 else (lambda: script(keys=session_keys, args=list(args))),
             )
         except rexc.ResponseError as exc:
-            raise _wrong_type(exc, session_id, name) from exc
+            raise wrong_type(exc, session_id, name) from exc
         return cast(list[Any], result)
 
     async def _script_and(
@@ -200,7 +169,7 @@ class Store:
         try:
             return await self.retry.call(f"{name} {session_id!r}", go)
         except rexc.ResponseError as exc:
-            raise _wrong_type(exc, session_id, name) from exc
+            raise wrong_type(exc, session_id, name) from exc
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -248,19 +217,8 @@ class Store:
         return Reserved(session_id=session_id, run_id=res[1])
 
     def encode_payload(self, payload: Any) -> str:
-        if payload is None:
-            return ""
-        try:
-            data = json.dumps(payload, separators=(",", ":"), allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(
-                f"payload must be JSON-serialisable, got {payload!r:.200}: {exc}"
-            ) from exc
-        if len(data.encode()) > self.max_event_bytes:
-            raise EventTooLarge(
-                f"payload is {len(data.encode())} bytes, over the limit of {self.max_event_bytes}"
-            )
-        return data
+        """A run's payload as stored ('' for None); TypeError / EventTooLarge if it cannot be."""
+        return encode_payload(payload, self.max_event_bytes)
 
     async def dispatch(self, session_id: str, run_id: str, due_ms: int | None = None) -> None:
         """Hand a reserved run to the workers, now or when due, and index it as active.
@@ -329,27 +287,7 @@ class Store:
 
     def encode(self, events: Sequence[AgentEvent]) -> list[EncodedEvent]:
         """Serialise events for :meth:`emit`; raises EventTooLarge before anything is sent."""
-        out = []
-        for event in events:
-            tool = event.tool_update()
-            rounds = event.round_count_update()
-            dedupe = event.dedupe() if event.is_critical else None
-            flags = ("c" if event.is_critical else "") + ("b" if event.is_budget else "")
-            meta = ""
-            if flags or tool or rounds is not None:
-                meta = json.dumps(
-                    [
-                        flags,
-                        (tool[0] or "") if tool else "",
-                        tool[1] if tool else "",
-                        "" if rounds is None else str(rounds),
-                        dedupe[0] if dedupe else "",
-                        dedupe[1] if dedupe else "",
-                    ],
-                    separators=(",", ":"),
-                )
-            out.append(EncodedEvent(event.type, dump_event(event, self.max_event_bytes), meta))
-        return out
+        return encode_events(events, self.max_event_bytes)
 
     async def emit(
         self,
@@ -550,9 +488,9 @@ class Store:
         try:
             fields, critical = await self.retry.call(f"runner {session_id!r}", go)
         except rexc.ResponseError as exc:
-            raise _wrong_type(exc, session_id, "runner") from exc
+            raise wrong_type(exc, session_id, "runner") from exc
         except UnicodeDecodeError as exc:
-            raise _not_text(exc, session_id, "runner") from exc
+            raise not_text(exc, session_id, "runner") from exc
         return RunnerState.from_redis(session_id, fields, critical)
 
     async def runners(self, session_ids: Sequence[str]) -> list[RunnerState]:
@@ -575,7 +513,7 @@ class Store:
             try:
                 for value in (fields, critical):
                     if isinstance(value, rexc.ResponseError):
-                        raise _wrong_type(value, sid, "runner")
+                        raise wrong_type(value, sid, "runner")
                 state = RunnerState.from_redis(sid, fields, critical)
             except RunstateError as exc:
                 log.warning("skipping session %r: %s", sid, exc)
@@ -613,9 +551,9 @@ class Store:
                 ),
             )
         except rexc.ResponseError as exc:
-            raise _wrong_type(exc, session_id, "read events") from exc
+            raise wrong_type(exc, session_id, "read events") from exc
         except UnicodeDecodeError as exc:
-            raise _not_text(exc, session_id, "read events") from exc
+            raise not_text(exc, session_id, "read events") from exc
         return [(eid, decode_entry(eid, fields, session_id)) for eid, fields in raw]
 
     async def cancel_markers(self, session_ids: Sequence[str]) -> list[str | None]:
@@ -645,37 +583,6 @@ class Store:
                 pipe.ttl(key)
             values = await pipe.execute()
         return dict(zip(names, values, strict=True))
-
-
-def _wrong_type(exc: rexc.ResponseError, session_id: str, what: str) -> Exception:
-    """A clear error for a session key that holds the wrong type (junk written by hand)."""
-    if "junk written by hand" in str(exc):  # a script's own check, naming the key
-        return RunstateError(f"{what} of session {session_id!r} failed: {exc}")
-    if "WRONGTYPE" in str(exc):
-        return RunstateError(
-            f"{what} of session {session_id!r} failed: one of its keys is not of the type "
-            f"runstate writes (its events key must be a stream, runner a hash, critical a list): "
-            f"{exc}"
-        )
-    return exc
-
-
-def _not_text(exc: UnicodeDecodeError, session_id: str, what: str) -> RunstateError:
-    """A clear error for bytes that are not UTF-8 in a session's keys, read by a client that
-    decodes strictly (:meth:`Coordinator.from_url` replaces them instead)."""
-    return RunstateError(
-        f"{what} of session {session_id!r} failed: its keys hold bytes that are not UTF-8 text "
-        f"(junk written by hand?): {exc}"
-    )
-
-
-def junk_tolerant(results: list[Any]) -> list[Any]:
-    """The results of a pipeline run with ``raise_on_error=False``: WRONGTYPE errors (a key
-    holding junk) are left in place for the caller to skip; any other error is raised."""
-    for result in results:
-        if isinstance(result, Exception) and "WRONGTYPE" not in str(result):
-            raise result
-    return results
 
 
 def _parse_or_warn(raw: str, session_id: str) -> AgentEvent | None:

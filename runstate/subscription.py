@@ -26,19 +26,20 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from redis import exceptions as rexc
 from redis.crc import key_slot
 
+from .batches import Batch, Overflow, Subscriber, Watch
 from .codec import decode_entry, parse_stream_id
 from .errors import RunstateError
 from .events import Gap, StreamEvent
 from .keys import validate_session_id
+from .replies import Snapshot
 from .retry import TRANSIENT_ERRORS, cancel_and_wait, describe
-from .store import Snapshot, Store
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -55,89 +56,6 @@ WAKE_TTL_MS = 60_000
 # How long a snapshot's wake-up counts as on its way to the reader (it takes a round trip; one
 # the reader never saw, e.g. expired while it was idle, must not hold back kicks for long).
 WAKE_PENDING_FOR = 0.5
-
-
-class _Overflow(Exception):
-    """The subscriber fell behind its buffer; it must catch up from Redis."""
-
-
-class _Batch:
-    """Consecutive events of one stream, as read together: decoded once and shared by every
-    subscriber of the stream, with what each of them checks computed once too."""
-
-    __slots__ = ("contiguous", "events", "first", "last", "terminal")
-
-    def __init__(self, events: Sequence[StreamEvent]) -> None:
-        self.events = events
-        assert events[0].id is not None and events[-1].id is not None
-        self.first = parse_stream_id(events[0].id)
-        self.last = parse_stream_id(events[-1].id)
-        # Ordinals without a hole: the usual case, where no event needs looking at one by one.
-        self.contiguous = self.last[1] - self.first[1] == len(events) - 1
-        self.terminal = next((i for i, e in enumerate(events) if e.event.is_terminal), -1)
-
-    def after(self, position: tuple[int, int]) -> _Batch | None:
-        """The events after ``position`` (None if none)."""
-        if self.first > position:
-            return self
-        rest = [e for e in self.events if e.id is not None and parse_stream_id(e.id) > position]
-        return _Batch(rest) if rest else None
-
-
-class _Sub:
-    __slots__ = ("error", "items", "limit", "overflowed", "size", "start", "waiter")
-
-    def __init__(self, limit: int, start: str) -> None:
-        self.items: deque[_Batch] = deque()
-        self.size = 0  # events in items
-        self.limit = limit
-        self.overflowed = False
-        self.start = start  # the hub's cursor when this subscriber attached
-        self.waiter: asyncio.Future[None] | None = None
-        self.error: BaseException | None = None
-
-    def push(self, batch: _Batch) -> None:
-        if self.overflowed:
-            return
-        if self.size + len(batch.events) > self.limit:
-            self.overflowed = True
-            self.items.clear()
-            self.size = 0
-        else:
-            self.items.append(batch)
-            self.size += len(batch.events)
-        self._wake()
-
-    def fail(self, error: BaseException) -> None:
-        self.error = error
-        self._wake()
-
-    def _wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    async def get(self) -> _Batch:
-        while not self.items:
-            if self.error is not None:
-                raise self.error
-            if self.overflowed:
-                raise _Overflow
-            self.waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self.waiter
-            finally:
-                self.waiter = None
-        batch = self.items.popleft()
-        self.size -= len(batch.events)
-        return batch
-
-
-class _Watch:
-    __slots__ = ("cursor", "subs")
-
-    def __init__(self, cursor: str) -> None:
-        self.cursor = cursor
-        self.subs: set[_Sub] = set()
 
 
 class Hub:
@@ -174,7 +92,7 @@ class Hub:
         self._block_ms = block_ms
         self._buffer = buffer
         self._count = count
-        self._watches: dict[str, _Watch] = {}
+        self._watches: dict[str, Watch] = {}
         self._conn: Any = None
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
@@ -241,21 +159,21 @@ class Hub:
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
 
-    def attach(self, session_id: str, after: str) -> _Sub:
+    def attach(self, session_id: str, after: str) -> Subscriber:
         if self._closed:
             raise RunstateError("the coordinator is closed")
         watch = self._watches.get(session_id)
         if watch is None:
-            watch = self._watches[session_id] = _Watch(after)
+            watch = self._watches[session_id] = Watch(after)
             self._gen += 1
             self._idle.set()
             self._ensure_reader()
             self._kick()
-        sub = _Sub(self._buffer, watch.cursor)
+        sub = Subscriber(self._buffer, watch.cursor)
         watch.subs.add(sub)
         return sub
 
-    def detach(self, session_id: str, sub: _Sub) -> None:
+    def detach(self, session_id: str, sub: Subscriber) -> None:
         watch = self._watches.get(session_id)
         if watch is None:
             return
@@ -395,7 +313,7 @@ class Hub:
         """
         await asyncio.sleep(min(LINGER_MAX, LINGER_PER_SUBSCRIBER * woken))
 
-    def _dispatch(self, result: Any, reading: dict[str, _Watch]) -> int:
+    def _dispatch(self, result: Any, reading: dict[str, Watch]) -> int:
         """Hand what was read to the subscribers; returns how many of them got events."""
         items = result.items() if isinstance(result, dict) else result or []
         keys = self._store.keys
@@ -413,7 +331,7 @@ class Hub:
                 continue
             events = [e for eid, f in entries if (e := decode_entry(eid, f, sid or ""))]
             if events:
-                batch = _Batch(events)
+                batch = Batch(events)
                 for sub in watch.subs:
                     sub.push(batch)
                 woken += len(watch.subs)
@@ -601,12 +519,12 @@ async def subscribe_batches(
         expect = _ordinal(cursor) + 1
 
 
-def _page_batch(page: list[tuple[str, StreamEvent | None]]) -> _Batch | None:
+def _page_batch(page: list[tuple[str, StreamEvent | None]]) -> Batch | None:
     events = [event for _, event in page if event is not None]
-    return _Batch(events) if events else None
+    return Batch(events) if events else None
 
 
-async def _entries(hub: Hub, session_id: str, cursor: str, backlog: bool) -> AsyncIterator[_Batch]:
+async def _entries(hub: Hub, session_id: str, cursor: str, backlog: bool) -> AsyncIterator[Batch]:
     """Every event after ``cursor``, in order, each once, in batches; never ends by itself.
 
     With ``backlog`` (a resume, or after falling behind) the subscriber first pages through the
@@ -639,7 +557,7 @@ async def _entries(hub: Hub, session_id: str, cursor: str, backlog: bool) -> Asy
             while True:
                 try:
                     got = await sub.get()
-                except _Overflow:
+                except Overflow:
                     break
                 fresh = got.after(position) if got.last > position else None
                 if fresh is not None:

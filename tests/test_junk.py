@@ -27,7 +27,7 @@ from runstate.cli import cmd_workers
 from runstate.events import Token
 from runstate.http import create_app
 from runstate.queue import Queue, now_ms
-from runstate.store import Claimed
+from runstate.replies import Claimed
 from tests.agents import basic
 from tests.agents.helpers import wait_status
 from tests.helpers import client_like, eventually
