@@ -8,6 +8,11 @@ way). A command issued while none of ours is in flight goes at once, alone, with
 around it and no turn of the event loop spent waiting for company: one caller awaiting its
 commands one by one (a run emitting event after event) pays nothing for the batching.
 
+The commands of one batch reach Redis in the order they were issued. A command sent alone goes
+on a pooled connection of its own, so it may reach Redis before or after a batch issued in the
+same turn by other callers, as any two commands on two connections may; one caller's commands,
+awaited one after the other, always arrive in order.
+
 Only for short commands: a blocking read would hold up every command queued behind it. Each
 command keeps its own outcome: a reply error goes to its caller only; a lost connection fails
 every command of the batch, and each caller's retry policy decides what to do, as it would have
