@@ -38,9 +38,8 @@ class AutoPipeline:
 
     A command issued while nothing is in flight goes at once as a plain command. Otherwise the
     first one leads a batch: it yields once, so that the commands issued in the same turn join
-    it, then sends them all and hands each its reply. Offers what
-    :class:`redis.commands.core.AsyncScript` calls on a client (``evalsha``, ``script_load``),
-    so a registered script runs batched with ``script(..., client=this)``.
+    it, then sends them all and hands each its reply. A registered script runs batched with
+    :meth:`run_script`.
     """
 
     def __init__(self, client: Redis, max_batch: int = MAX_BATCH) -> None:
@@ -87,22 +86,16 @@ class AutoPipeline:
         if not task.cancelled():
             task.exception()  # retrieved: its callers got it
 
-    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
-        return await self.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
-
     async def run_script(
         self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]
     ) -> Any:
-        """``script(keys, args, client=self)`` for less: EVALSHA, loading the script on
-        NOSCRIPT, without redis-py's per-call bookkeeping (a quarter of an emit's Python time)."""
+        """What ``script(keys, args)`` does, batched: EVALSHA, loading the script on NOSCRIPT
+        (without redis-py's per-call bookkeeping: a quarter of an emit's Python time)."""
         try:
             return await self.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         except rexc.NoScriptError:
             script.sha = await self._client.script_load(script.script)
             return await self.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-
-    async def script_load(self, script: str) -> Any:
-        return await self._client.script_load(script)
 
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any] | None]]) -> Any:
         """Send ``batch`` as one pipeline; returns the reply of its first command if that one

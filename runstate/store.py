@@ -113,17 +113,20 @@ class Store:
     ) -> list[Any]:
         script = self._scripts[name]
         session_keys = self._session_keys(session_id)[:keys] + list(extra_keys)
-        auto = self._auto
         try:
             result = await self.retry.call(
-                f"{name} {session_id!r}",
-                (lambda: auto.run_script(script, session_keys, args))
-                if auto is not None and isinstance(script, AsyncScript)  # (tests stand in)
-                else (lambda: script(keys=session_keys, args=list(args))),
+                f"{name} {session_id!r}", lambda: self._run_script(script, session_keys, args)
             )
         except rexc.ResponseError as exc:
             raise wrong_type(exc, session_id, name) from exc
         return cast(list[Any], result)
+
+    async def _run_script(self, script: AsyncScript, keys: list[str], args: Sequence[Any]) -> Any:
+        """One try of ``script``: through the auto-pipeline, or on a cluster through redis-py's
+        Script, which sends it to the node of its keys' slot."""
+        if self._auto is None:
+            return await script(keys=keys, args=list(args))
+        return await self._auto.run_script(script, keys, args)
 
     async def _script_and(
         self,
@@ -201,9 +204,8 @@ class Store:
             def index(pipe: Any) -> None:
                 pipe.zadd(self.keys.active, {session_id: _now_ms()}, nx=True)
 
-            res = (await self._script_and("reserve", session_id, args, index, [self.keys.active]))[
-                0
-            ]
+            results = await self._script_and("reserve", session_id, args, index, [self.keys.active])
+            res = results[0]
             if res[0] == "reserved" and dispatch and mode == "queue":
                 await self.dispatch(session_id, run_id, due_ms)
         else:

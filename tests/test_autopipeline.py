@@ -185,8 +185,8 @@ async def test_scripts_run_through_it_and_are_loaded_when_missing(client: Any, p
     auto = AutoPipeline(client)
     # When it is called through the auto-pipeline, twice at once
     replies = await asyncio.gather(
-        script(keys=[f"{prefix}:s"], args=[2], client=auto),
-        script(keys=[f"{prefix}:s"], args=[3], client=auto),
+        auto.run_script(script, [f"{prefix}:s"], [2]),
+        auto.run_script(script, [f"{prefix}:s"], [3]),
     )
     # Then both ran once (each NOSCRIPT answer loaded it and ran again)
     assert sorted(replies) == [2, 5]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -32,31 +32,33 @@ FAST = RetryPolicy(attempts=5, deadline=5, initial=0.001, max_wait=0.01)
 
 
 class FlakyScript:
-    """Stands in for a registered script: fails some calls before or after running it."""
+    """Wraps the store's tries of one script: fails some before or after running it."""
 
     def __init__(
         self,
         script: Any,
+        run: Callable[[Any, list[str], Sequence[Any]], Awaitable[Any]],
         *,
         fail_before: int = 0,
         fail_after: int = 0,
         error: Exception | None = None,
     ) -> None:
         self.script = script
+        self.run = run  # the store's own way of running a script once
         self.fail_before = fail_before
         self.fail_after = fail_after
         self.error = error or rexc.ConnectionError("injected: connection reset")
         self.calls = 0
         self.ran = 0
 
-    async def __call__(
-        self, keys: Sequence[str] = (), args: Sequence[Any] = (), client: Any = None
-    ) -> Any:
+    async def __call__(self, script: Any, keys: list[str], args: Sequence[Any]) -> Any:
+        if script is not self.script:
+            return await self.run(script, keys, args)
         self.calls += 1
         if self.fail_before > 0:
             self.fail_before -= 1
             raise self.error
-        result = await self.script(keys=keys, args=args)
+        result = await self.run(script, keys, args)
         self.ran += 1
         if self.fail_after > 0:
             self.fail_after -= 1
@@ -122,8 +124,9 @@ async def flaky_round_trip(
 
 
 def flaky(coord: Coordinator, name: str, monkeypatch: pytest.MonkeyPatch, **kw: Any) -> FlakyScript:
-    wrapper = FlakyScript(coord.store._scripts[name], **kw)
-    monkeypatch.setitem(coord.store._scripts, name, wrapper)
+    store = coord.store
+    wrapper = FlakyScript(store._scripts[name], store._run_script, **kw)
+    monkeypatch.setattr(store, "_run_script", wrapper)
     return wrapper
 
 

@@ -2,9 +2,9 @@
 -- Every per-session script receives the same KEYS, all in the session's hash slot:
 --   KEYS[1] runner hash, KEYS[2] events stream, KEYS[3] critical list,
 --   KEYS[4] cancel marker, KEYS[5] children set
--- On a single server, reserve, claim and finish may also get global keys after those (the
--- queue, the indexes), so that one round trip does all of an operation; never on a cluster,
--- where those keys live in other slots.
+-- On a single server, reserve, claim, finish, cancel and snapshot may also get global keys after
+-- those (the queue, the indexes, a reader's wake-up stream), so that one round trip does all of
+-- an operation; never on a cluster, where those keys live in other slots.
 
 local RUNNER, EVENTS, CRITICAL, CANCEL, CHILDREN = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 
@@ -71,12 +71,14 @@ local function is_active(status)
 end
 
 -- Before a script writes a global key: an error naming the key (and the command) if the ACL
--- user may not run cmd on it, or if it holds another type than want (junk written by hand);
--- nil if the write may go ahead. Checked before the script writes anything.
-local function refuse_global(script, key, want, cmd)
-  if redis.acl_check_cmd and not redis.acl_check_cmd(cmd, key, '1', '1') then
-    return redis.error_reply("NOPERM this user has no permissions to run the '" ..
-      string.lower(cmd) .. "' command on " .. key .. ' (in the ' .. script .. ' script)')
+-- user may not run one of the commands (...) on it, or if it holds another type than want (junk
+-- written by hand); nil if the writes may go ahead. Checked before the script writes anything.
+local function refuse_global(script, key, want, ...)
+  for _, cmd in ipairs({...}) do
+    if redis.acl_check_cmd and not redis.acl_check_cmd(cmd, key, '1', '1') then
+      return redis.error_reply("NOPERM this user has no permissions to run the '" ..
+        string.lower(cmd) .. "' command on " .. key .. ' (in the ' .. script .. ' script)')
+    end
   end
   local kind = redis.call('TYPE', key)['ok']
   if kind ~= 'none' and kind ~= want then

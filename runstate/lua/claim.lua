@@ -12,10 +12,8 @@
 
 local QUEUE = KEYS[6]
 if QUEUE then
-  for _, cmd in ipairs({'XACK', 'XDEL'}) do
-    local refused = refuse_global('claim', QUEUE, 'stream', cmd)
-    if refused then return refused end
-  end
+  local refused = refuse_global('claim', QUEUE, 'stream', 'XACK', 'XDEL')
+  if refused then return refused end
   redis.call('XACK', QUEUE, ARGV[5], ARGV[6])
   redis.call('XDEL', QUEUE, ARGV[6])
 end
