@@ -1,5 +1,12 @@
-"""What the subscription hub hands out: shared batches of events, and each subscriber's bounded
-queue of them (:mod:`runstate.subscription` reads and fans out)."""
+"""What the subscription hub hands out: shared batches of events, kept in one log per watched
+stream that every local subscriber of it reads at its own pace (:mod:`runstate.hub` reads
+Redis and appends to the logs, :mod:`runstate.subscription` reads them).
+
+Handing a read to a thousand subscribers is one append and one wake-up of one shared future,
+not a thousand queue pushes: each subscriber only keeps its place in the log. The log keeps a
+batch while some subscriber still has to read it and it lies within ``limit`` events of the end;
+a subscriber that falls further behind than that overflows, and catches up from Redis instead.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ class Batch:
     """Consecutive events of one stream, as read together: decoded once and shared by every
     subscriber of the stream, with what each of them checks computed once too."""
 
-    __slots__ = ("contiguous", "events", "first", "last", "terminal")
+    __slots__ = ("contiguous", "end", "events", "first", "last", "terminal")
 
     def __init__(self, events: Sequence[StreamEvent]) -> None:
         self.events = events
@@ -31,6 +38,7 @@ class Batch:
         # Ordinals without a hole: the usual case, where no event needs looking at one by one.
         self.contiguous = self.last[1] - self.first[1] == len(events) - 1
         self.terminal = next((i for i, e in enumerate(events) if e.event.is_terminal), -1)
+        self.end = 0  # in a Watch's log: how many events the log had received through this one
 
     def after(self, position: tuple[int, int]) -> Batch | None:
         """The events after ``position`` (None if none)."""
@@ -40,62 +48,98 @@ class Batch:
         return Batch(rest) if rest else None
 
 
-class Subscriber:
-    """One subscriber's bounded queue of batches: it overflows (and must catch up from Redis)
-    rather than grow past ``limit`` events."""
+class Watch:
+    """One watched stream: the read cursor, its subscribers, and the log of batches they read.
 
-    __slots__ = ("error", "items", "limit", "overflowed", "size", "start", "waiter")
+    Args:
+        cursor: the stream id the hub's reader reads after.
+        limit: how many events one subscriber may have left unread before it overflows.
+    """
 
-    def __init__(self, limit: int, start: str) -> None:
-        self.items: deque[Batch] = deque()
-        self.size = 0  # events in items
+    __slots__ = ("base", "cursor", "limit", "log", "subs", "total", "waiter")
+
+    def __init__(self, cursor: str, limit: int) -> None:
+        self.cursor = cursor
         self.limit = limit
-        self.overflowed = False
-        self.start = start  # the hub's cursor when this subscriber attached
-        self.waiter: asyncio.Future[None] | None = None
-        self.error: BaseException | None = None
+        self.subs: set[Subscriber] = set()
+        self.log: deque[Batch] = deque()
+        self.base = 0  # the position (counted in batches since the watch began) of log[0]
+        self.total = 0  # events appended since the watch began
+        self.waiter: asyncio.Future[None] | None = None  # shared by every waiting subscriber
 
-    def push(self, batch: Batch) -> None:
-        if self.overflowed:
+    @property
+    def end(self) -> int:
+        """The position the next batch appended will have."""
+        return self.base + len(self.log)
+
+    def append(self, batch: Batch) -> None:
+        """Add a batch for every subscriber and wake those waiting."""
+        self.total += len(batch.events)
+        batch.end = self.total
+        self.log.append(batch)
+        self._trim()
+        self.wake()
+
+    def _trim(self) -> None:
+        """Drop the batches no subscriber will read: read by all, or beyond ``limit`` events
+        (whoever has not read those has overflowed)."""
+        log = self.log
+        if not log:
             return
-        if self.size + len(batch.events) > self.limit:
-            self.overflowed = True
-            self.items.clear()
-            self.size = 0
-        else:
-            self.items.append(batch)
-            self.size += len(batch.events)
-        self._wake()
+        oldest = min((s.position for s in self.subs), default=self.base + len(log))
+        floor = self.total - self.limit
+        while log and (self.base < oldest or log[0].end - len(log[0].events) < floor):
+            log.popleft()
+            self.base += 1
+
+    def wake(self) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class Subscriber:
+    """One subscriber's place in its watch's log: it overflows (and must catch up from Redis)
+    rather than hold the log past ``limit`` unread events."""
+
+    __slots__ = ("error", "position", "read", "start", "watch")
+
+    def __init__(self, watch: Watch) -> None:
+        self.watch = watch
+        self.position = watch.end  # the next batch to read
+        self.read = watch.total  # events of the log read (or skipped) so far
+        self.start = watch.cursor  # the hub's cursor when this subscriber attached
+        self.error: BaseException | None = None
 
     def fail(self, error: BaseException) -> None:
         self.error = error
-        self._wake()
+        self.watch.wake()
 
-    def _wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
+    def next(self) -> Batch | None:
+        """The next batch, or None when there is none yet (then await :meth:`waiter`).
 
-    async def get(self) -> Batch:
-        while not self.items:
+        Raises:
+            Overflow: this subscriber fell further behind than the watch's limit.
+        """
+        watch = self.watch
+        index = self.position - watch.base
+        if index >= len(watch.log):
             if self.error is not None:
                 raise self.error
-            if self.overflowed:
-                raise Overflow
-            self.waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self.waiter
-            finally:
-                self.waiter = None
-        batch = self.items.popleft()
-        self.size -= len(batch.events)
+            return None
+        if index < 0 or watch.total - self.read > watch.limit:
+            raise Overflow
+        batch = watch.log[index]
+        self.position += 1
+        self.read = batch.end
         return batch
 
-
-class Watch:
-    """One watched stream: the read cursor and the subscribers its events go to."""
-
-    __slots__ = ("cursor", "subs")
-
-    def __init__(self, cursor: str) -> None:
-        self.cursor = cursor
-        self.subs: set[Subscriber] = set()
+    def waiter(self) -> asyncio.Future[None]:
+        """A future done at the watch's next append (or failure), shared by every waiting
+        subscriber of the watch: a subscriber cancelled while awaiting it cancels it for all of
+        them, who then just wait again."""
+        watch = self.watch
+        waiter = watch.waiter
+        if waiter is None or waiter.done():
+            waiter = watch.waiter = asyncio.get_running_loop().create_future()
+        return waiter

@@ -17,12 +17,13 @@ from .client import client_option, connect
 from .config import load_settings
 from .errors import RedisUnavailable, RunstateError
 from .events import DEFAULT_MAX_EVENT_BYTES, StreamEvent
+from .hub import Hub
 from .keys import Keys, run_ref, validate_session_id
 from .models import ReserveResult, RunnerState, RunStatus
 from .retry import RetryPolicy
 from .run import RunHandle
 from .store import DEFAULT_CRITICAL_CAP, DEFAULT_MAXLEN, DEFAULT_RETENTION, Store
-from .subscription import Hub, subscribe, subscribe_batches
+from .subscription import subscribe, subscribe_batches
 
 log = logging.getLogger(__name__)
 

@@ -1,392 +1,30 @@
-"""Subscribing to a session's events (DESIGN §4), with one Redis reader per process.
+"""Subscribing to a session's events (DESIGN §4): snapshot replay, live events, exact resume.
 
-A :class:`Hub` owns one connection that blocks in a single ``XREAD`` over every stream watched in
-this process, decodes each entry once and hands it to every local subscriber's bounded buffer.
-The read also covers the hub's own wake-up stream (``<prefix>:hub:<id>``, one entry at most):
-when a new stream must be watched, one ``XADD`` there ends the blocked read, or, if the read has
-not reached Redis yet, makes it return at once; either way the next read covers the new stream.
-
-On a Redis Cluster one command may only name keys of one slot, and every session has its own
-slot, so no single blocking read can cover them: there the reader polls instead, one pipeline
-of non-blocking ``XREAD`` per round (redis-py sends each node its share at once), again at once
-while events keep coming and backing off to ``cluster_poll_ms`` when they stop.
+The events come from this process's :class:`~runstate.hub.Hub`, which reads every watched stream
+over one connection; a subscriber that is behind reads pages of the stream itself.
 
 Each subscriber checks the ordinal in every event id (``<ms>-<n>``, n counting the session's
 events), so it knows exactly how many events it did not get: if events were trimmed away before
 it read them, it is told with a ``gap`` event carrying that number, then gets the snapshot replay
-and the live tail. A subscriber whose buffer fills up is not a reason to stall the reader or grow
-memory: its buffer is dropped and it catches up from Redis on its own, which only costs a gap if
-the events it missed have been trimmed meanwhile.
+and the live tail. A subscriber that falls behind the hub's buffer is not a reason to stall the
+reader or grow memory: it catches up from Redis on its own, which only costs a gap if the events
+it missed have been trimmed meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
 
-from redis import exceptions as rexc
-from redis.crc import key_slot
-
-from .batches import Batch, Overflow, Subscriber, Watch
-from .codec import decode_entry, parse_stream_id
-from .errors import RunstateError
+from .batches import Batch, Overflow
+from .codec import parse_stream_id
 from .events import Gap, StreamEvent
+from .hub import CATCH_UP_PAGE, Hub
 from .keys import validate_session_id
 from .replies import Snapshot
-from .retry import TRANSIENT_ERRORS, cancel_and_wait, describe
-from .store import Store
 
 log = logging.getLogger(__name__)
-
-CATCH_UP_PAGE = 500
-# Subscriber-side reads (snapshots, catch-up pages) in flight at once per process: a burst of
-# new or lagging subscribers must not take one pooled connection each.
-MAX_CONCURRENT_READS = 8
-# How long the reader waits between handing out events and reading again (see Hub._linger).
-LINGER_FROM = 20
-LINGER_PER_SUBSCRIBER = 5e-6
-LINGER_MAX = 0.010
-# The wake-up stream outlives its process by at most this long (every wake-up renews it).
-WAKE_TTL_MS = 60_000
-# How long a snapshot's wake-up counts as on its way to the reader (it takes a round trip; one
-# the reader never saw, e.g. expired while it was idle, must not hold back kicks for long).
-WAKE_PENDING_FOR = 0.5
-
-
-class Hub:
-    """Reads every watched session stream of this process over one connection and fans out.
-
-    Args:
-        store: the store whose client the reader connection comes from.
-        block_ms: how long one XREAD blocks before looping.
-        buffer: how many undelivered events one subscriber may hold before it must catch up
-            from Redis by itself.
-        count: the most entries read per stream per XREAD.
-        cluster_poll_ms: on a Redis Cluster, the longest pause between two polls (the delivery
-            latency of an event that follows a quiet spell).
-    """
-
-    def __init__(
-        self,
-        store: Store,
-        *,
-        block_ms: int = 5000,
-        buffer: int = 1024,
-        count: int = 1000,
-        cluster_poll_ms: float = 20.0,
-    ) -> None:
-        if buffer < 1:
-            raise ValueError(f"subscriber buffer must be at least 1, got {buffer!r}")
-        if cluster_poll_ms <= 0:
-            raise ValueError(f"cluster_poll_ms must be positive, got {cluster_poll_ms!r}")
-        self._cluster = store.cluster
-        self._poll_max = cluster_poll_ms / 1000
-        self._poll_wait = 0.0
-        self._wake = asyncio.Event()
-        self._store = store
-        self._block_ms = block_ms
-        self._buffer = buffer
-        self._count = count
-        self._watches: dict[str, Watch] = {}
-        self._conn: Any = None
-        self._task: asyncio.Task[None] | None = None
-        self._idle = asyncio.Event()
-        self._gen = 0  # bumped whenever the set of watched streams changes
-        self._reading_gen = -1  # the generation of the XREAD in flight, -1 when none
-        self._reads = 0  # XREADs issued so far
-        self._kicking = False
-        self._wake_key = store.keys.hub(uuid.uuid4().hex[:16])
-        self._wake_cursor = "0-0"  # the last wake-up the reader has seen
-        self._wake_sent = (0, 0)  # the last wake-up written by a snapshot, and when
-        self._wake_sent_at = 0.0
-        self._closed = False
-        self._side_reads = asyncio.Semaphore(MAX_CONCURRENT_READS)
-        self._snapshots: dict[str, asyncio.Future[Snapshot]] = {}
-        self._side_tasks: set[asyncio.Future[Any]] = set()
-
-    @property
-    def watched(self) -> int:
-        """How many streams this process is reading (for tests and diagnostics)."""
-        return len(self._watches)
-
-    @property
-    def subscribers(self) -> int:
-        return sum(len(w.subs) for w in self._watches.values())
-
-    async def snapshot(self, session_id: str, *, follow: bool = False) -> Snapshot:
-        """The session's snapshot; subscribers arriving together share one read.
-
-        Sharing is safe: a snapshot taken after a subscriber asked for it is as good a starting
-        point as its own would be (replay as of S, then everything after S).
-
-        For a session not watched yet, the snapshot also writes the reader's wake-up entry
-        (when the subscriber will go on to watch it: the run is active, or ``follow``): the
-        read in flight then returns and the next one covers the new stream, with no kick.
-        """
-        pending = self._snapshots.get(session_id)
-        if pending is None:
-            wake = None if session_id in self._watches else ("always" if follow else "active")
-            pending = asyncio.ensure_future(self._read_snapshot(session_id, wake))
-            self._track(pending)
-            self._snapshots[session_id] = pending
-            pending.add_done_callback(lambda _: self._snapshots.pop(session_id, None))
-        return await asyncio.shield(pending)
-
-    async def _read_snapshot(self, session_id: str, wake: str | None) -> Snapshot:
-        async with self._side_reads:
-            if wake is None:
-                return await self._store.snapshot(session_id)
-            snapshot = await self._store.snapshot(session_id, self._wake_key, wake, WAKE_TTL_MS)
-        if snapshot.wake_id is not None:
-            self._wake_sent = max(self._wake_sent, parse_stream_id(snapshot.wake_id))
-            self._wake_sent_at = time.monotonic()
-        return snapshot
-
-    async def read_range(
-        self, session_id: str, after: str, before: str
-    ) -> list[tuple[str, StreamEvent | None]]:
-        """A page of entries in ``(after, before]`` for a subscriber catching up."""
-        async with self._side_reads:
-            return await self._store.read_range(session_id, after, CATCH_UP_PAGE, before=before)
-
-    def _track(self, task: asyncio.Future[Any]) -> None:
-        """Keep a background task until it is done, so that closing can wait for it."""
-        self._side_tasks.add(task)
-        task.add_done_callback(self._side_tasks.discard)
-
-    def attach(self, session_id: str, after: str) -> Subscriber:
-        if self._closed:
-            raise RunstateError("the coordinator is closed")
-        watch = self._watches.get(session_id)
-        if watch is None:
-            watch = self._watches[session_id] = Watch(after)
-            self._gen += 1
-            self._idle.set()
-            self._ensure_reader()
-            self._kick()
-        sub = Subscriber(self._buffer, watch.cursor)
-        watch.subs.add(sub)
-        return sub
-
-    def detach(self, session_id: str, sub: Subscriber) -> None:
-        watch = self._watches.get(session_id)
-        if watch is None:
-            return
-        watch.subs.discard(sub)
-        if not watch.subs:
-            del self._watches[session_id]
-            self._gen += 1
-
-    async def aclose(self) -> None:
-        self._closed = True
-        error = RunstateError("the coordinator was closed")
-        for watch in self._watches.values():
-            for sub in watch.subs:
-                sub.fail(error)
-        self._watches.clear()
-        for side in list(self._side_tasks):  # a kick or a shared snapshot still in flight
-            await cancel_and_wait(side)
-        if self._task is not None:
-            await cancel_and_wait(self._task)
-        if self._conn is not None:
-            await self._conn.aclose()
-            with contextlib.suppress(rexc.RedisError, OSError):
-                await self._store.client.delete(self._wake_key)
-
-    # ---- the reader ---------------------------------------------------------------------------
-
-    def _ensure_reader(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="runstate-hub")
-
-    def _kick(self) -> None:
-        """Make the XREAD in flight, if it is for an older set of streams, return now."""
-        if self._cluster:
-            self._poll_wait = 0.0
-            self._wake.set()
-            return
-        if self._kicking or self._reading_gen < 0:
-            return
-        if (
-            self._wake_sent > parse_stream_id(self._wake_cursor)
-            and time.monotonic() - self._wake_sent_at < WAKE_PENDING_FOR
-        ):
-            return  # a snapshot's wake-up is on its way: the next read covers every watch
-        self._kicking = True
-        self._track(asyncio.get_running_loop().create_task(self._kick_reader()))
-
-    async def _kick_reader(self) -> None:
-        """Write a wake-up entry while a read of an older set of streams is in flight.
-
-        A read issued before the entry was written returns at once, blocked or not (its cursor
-        for the wake-up stream is older); one issued since may still be for an older set than
-        the latest, when watches were added meanwhile: then once more.
-        """
-        try:
-            while 0 <= self._reading_gen < self._gen:
-                issued = self._reads
-                async with self._store.client.pipeline(transaction=False) as pipe:
-                    pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1, approximate=False)
-                    pipe.pexpire(self._wake_key, WAKE_TTL_MS)
-                    await pipe.execute()
-                if self._reads == issued:
-                    return
-        except (rexc.RedisError, OSError) as exc:  # the reader's own read fails too and retries
-            log.warning("could not wake the event reader (%s)", describe(exc))
-        finally:
-            self._kicking = False
-
-    async def _run(self) -> None:
-        wait = 0.05
-        while not self._closed:
-            if not self._watches:
-                self._idle.clear()
-                await self._idle.wait()
-                continue
-            gen = self._gen
-            keys = self._store.keys
-            reading = dict(self._watches)  # the watches this read is for, at their cursors
-            streams = {keys.events(sid): w.cursor for sid, w in reading.items()}
-            try:
-                if self._cluster:
-                    result = await self._poll(streams)
-                else:
-                    if self._conn is None:
-                        self._conn = self._store.client.client()
-                    streams[self._wake_key] = self._wake_cursor
-                    self._reading_gen = gen
-                    self._reads += 1
-                    try:
-                        result = await self._conn.xread(
-                            streams, count=self._count, block=self._block_ms
-                        )
-                    finally:
-                        self._reading_gen = -1
-            except TRANSIENT_ERRORS as exc:
-                log.warning("event reader lost Redis (%s); retrying in %.2fs", describe(exc), wait)
-                await asyncio.sleep(wait)
-                wait = min(wait * 2, 2.0)
-                continue
-            except Exception as exc:  # junk written by hand: the reader must never die of it
-                await self._drop_broken_streams(exc)
-                continue
-            wait = 0.05
-            woken = self._dispatch(result, reading)
-            if woken >= LINGER_FROM:
-                await self._linger(woken)
-
-    async def _poll(self, streams: dict[str, str]) -> list[Any]:
-        """One round of non-blocking reads on a cluster, one XREAD per slot; when it finds
-        nothing, a pause (woken early by a new watch) that doubles up to ``cluster_poll_ms``."""
-        self._wake.clear()  # before the read: a watch added during it cuts the pause short
-        by_slot: dict[int, dict[Any, Any]] = {}
-        for key, cursor in streams.items():
-            by_slot.setdefault(key_slot(key.encode()), {})[key] = cursor
-        async with self._store.client.pipeline(transaction=False) as pipe:
-            for group in by_slot.values():
-                pipe.xread(group, count=self._count)
-            replies = await pipe.execute()
-        found: list[Any] = []
-        for reply in replies:
-            found.extend(reply.items() if isinstance(reply, dict) else reply or [])
-        if any(entries for _, entries in found):
-            self._poll_wait = 0.0
-            return found
-        self._poll_wait = min(max(self._poll_wait * 2, 0.001), self._poll_max)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), self._poll_wait)
-        return found
-
-    async def _linger(self, woken: int) -> None:
-        """Pause after handing out events, before reading again.
-
-        Waking a subscriber costs the same for one event as for fifty, so once a read woke
-        ``LINGER_FROM`` subscribers or more, the next read is put off a little (5 µs per
-        subscriber, at most 10 ms) to bring what arrived meanwhile as one batch each, instead
-        of one event per read while a backlog grows behind it. With fewer, the reader reads
-        again at once: the fastest delivery.
-        """
-        await asyncio.sleep(min(LINGER_MAX, LINGER_PER_SUBSCRIBER * woken))
-
-    def _dispatch(self, result: Any, reading: dict[str, Watch]) -> int:
-        """Hand what was read to the subscribers; returns how many of them got events."""
-        items = result.items() if isinstance(result, dict) else result or []
-        keys = self._store.keys
-        woken = 0
-        for key, entries in items:
-            if key == self._wake_key:
-                if entries:
-                    self._wake_cursor = entries[-1][0]
-                continue
-            sid = keys.session_of(key)
-            watch = self._watches.get(sid) if sid else None
-            # Only to the watch this read was for: a watch dropped and made anew meanwhile
-            # has its own cursor (maybe older than this read's) and gets its own read.
-            if watch is None or not entries or reading.get(sid or "") is not watch:
-                continue
-            events = [e for eid, f in entries if (e := decode_entry(eid, f, sid or ""))]
-            if events:
-                batch = Batch(events)
-                for sub in watch.subs:
-                    sub.push(batch)
-                woken += len(watch.subs)
-            last = entries[-1][0]
-            if parse_stream_id(last) > parse_stream_id(watch.cursor):
-                watch.cursor = last
-        return woken
-
-    async def _drop_broken_streams(self, exc: Exception) -> None:
-        """A key that is not a stream, or an entry that is not UTF-8 text (for a client that
-        decodes strictly), fails the whole XREAD: fail its subscribers, keep the rest."""
-        keys = self._store.keys
-        broken = False
-        if str(await self._store.client.type(self._wake_key)) not in ("stream", "none"):
-            log.error("event reader: %s is not a stream; waking through a new key", self._wake_key)
-            self._wake_key, self._wake_cursor = keys.hub(uuid.uuid4().hex[:16]), "0-0"
-            self._wake_sent = (0, 0)
-            return
-        for sid in list(self._watches):
-            key = keys.events(sid)
-            kind = str(await self._store.client.type(key))
-            if kind not in ("stream", "none"):
-                reason = f"{key} is a {kind}, not a stream"
-            elif isinstance(exc, UnicodeDecodeError) and not await self._decodes(sid):
-                reason = f"{key} holds an entry that is not UTF-8 text"
-            else:
-                continue
-            broken = True
-            error = RunstateError(f"cannot read events of session {sid!r}: {reason} ({exc})")
-            if sid in self._watches:
-                for sub in self._watches.pop(sid).subs:
-                    sub.fail(error)
-                self._gen += 1
-        if not broken:
-            log.error("event reader: %s", exc)
-            await asyncio.sleep(1.0)
-
-    async def _decodes(self, session_id: str) -> bool:
-        """Whether what the reader would read next of the session decodes."""
-        watch = self._watches.get(session_id)
-        if watch is None:
-            return True
-        key = self._store.keys.events(session_id)
-        try:
-            await self._store.client.xrange(key, min=f"({watch.cursor}", count=self._count)
-        except UnicodeDecodeError:
-            return False
-        return True
-
-
-# ---- one subscriber ---------------------------------------------------------------------------
-
-
-def _ordinal(stream_id: str) -> int:
-    return parse_stream_id(stream_id)[1]
 
 
 def normalize_stream_id(value: str) -> str:
@@ -402,11 +40,93 @@ def normalize_stream_id(value: str) -> str:
 
 
 def _replay(snapshot: Snapshot) -> list[StreamEvent]:
+    """What a snapshot hands a subscriber first: critical events, the last budget event, and
+    the terminal event of an ended run."""
     run_id = snapshot.run_id or ""
     items = [StreamEvent(id=None, run_id=run_id, event=e) for e in snapshot.critical]
     if snapshot.budget is not None:
         items.append(StreamEvent(id=None, run_id=run_id, event=snapshot.budget))
+    if snapshot.terminal is not None:
+        items.append(snapshot.terminal)
     return items
+
+
+class _Gap(Exception):
+    """Events were trimmed away before the subscriber read them."""
+
+
+class _Place:
+    """How far one subscriber has got: the last entry read, and the ordinal (the ``n`` of
+    ``<ms>-<n>``, counting the session's events) that the next event must have."""
+
+    __slots__ = ("at", "cursor", "done", "expect", "follow", "gap", "session_id")
+
+    def __init__(self, session_id: str, cursor: str, follow: bool) -> None:
+        self.session_id = session_id
+        self.follow = follow
+        self.done = False  # the run's terminal event was handed out (and we do not follow)
+        self.gap = False  # take() met a hole: hand out what it returned, then raise _Gap
+        self.move(cursor)
+        # None after "0-0": whatever is retained comes first, with no ordinal to check.
+        self.expect: int | None = self.at[1] + 1 if cursor != "0-0" else None
+
+    def move(self, cursor: str) -> None:
+        self.cursor = cursor
+        self.at = parse_stream_id(cursor)
+
+    def take(self, batch: Batch) -> list[StreamEvent]:
+        """The events of ``batch`` to hand out: those after the last one read, up to a hole in
+        the ordinals (then raises :class:`_Gap` once they are handed out, see ``gap``) or to the
+        terminal event (then ``done``, unless following)."""
+        if batch.last <= self.at:
+            return []
+        if batch.first <= self.at:  # the reader's batch overlaps what came from Redis directly
+            rest = batch.after(self.at)
+            assert rest is not None
+            batch = rest
+        events = batch.events
+        if self.expect is not None and batch.contiguous and batch.first[1] == self.expect:
+            self.expect = batch.last[1] + 1
+            if batch.terminal >= 0 and not self.follow:
+                self.done = True
+                return list(events[: batch.terminal + 1])
+            self.cursor, self.at = events[-1].id or self.cursor, batch.last
+            return list(events)
+        # Look at each event: the first one after a hole means trimmed events.
+        out: list[StreamEvent] = []
+        for event in events:
+            assert event.id is not None
+            n = parse_stream_id(event.id)[1]
+            if self.expect is not None and n > self.expect:
+                self.gap = True
+                break
+            if self.expect is not None and n < self.expect:
+                log.warning(
+                    "session %r stream restarted (event %s after ordinal %d)",
+                    self.session_id,
+                    event.id,
+                    self.expect - 1,
+                )
+            self.expect = n + 1
+            out.append(event)
+            if event.event.is_terminal and not self.follow:
+                self.done = True
+                break
+        if out:
+            self.move(out[-1].id or self.cursor)
+        return out
+
+
+def _page_batch(page: list[tuple[str, StreamEvent | None]]) -> Batch | None:
+    events = [event for _, event in page if event is not None]
+    return Batch(events) if events else None
+
+
+def _cancelled_by_another(waiter: asyncio.Future[None]) -> bool:
+    """Whether a waiter shared by several subscribers (see :class:`Watch`) was cancelled by
+    another one's cancellation rather than this task's."""
+    task = asyncio.current_task()
+    return waiter.cancelled() and task is not None and not task.cancelling()
 
 
 async def subscribe(
@@ -444,125 +164,89 @@ async def subscribe_batches(
     The same events in the same order; a consumer that writes them out (an SSE response, a
     websocket) does one write per list instead of one per event, and keeps up with far more
     events per second.
+
+    Every event after the place reached, in order, each once: a subscriber that is behind (a
+    resume, or one that fell behind its buffer) first pages through the stream itself, at its
+    own pace, and only then joins the hub's reader near the end, since a reader batch larger
+    than its buffer could otherwise overflow it again and again. The live part is written out
+    here rather than in a helper generator: with many subscribers per process, each layer of
+    generators costs a noticeable share of every wake-up.
     """
     validate_session_id(session_id)
     if last_event_id is None:
         snapshot = await hub.snapshot(session_id, follow=follow)
-        first = _replay(snapshot)
-        if snapshot.terminal is not None:
-            first.append(snapshot.terminal)
-        if first:
+        if first := _replay(snapshot):
             yield first
         if snapshot.terminal is not None and not follow:
             return
-        cursor = snapshot.last_id
+        place = _Place(session_id, snapshot.last_id, follow)
     else:
-        cursor = normalize_stream_id(last_event_id)
-    # The ordinal of the next event; None after "0-0": whatever is retained comes first.
-    expect: int | None = _ordinal(cursor) + 1 if cursor != "0-0" else None
+        place = _Place(session_id, normalize_stream_id(last_event_id), follow)
     backlog = last_event_id is not None  # a resume may be far behind: read it at our own pace
 
     while True:
-        gap = False
-        async for batch in _entries(hub, session_id, cursor, backlog):
-            events = batch.events
-            if expect is None or not batch.contiguous or batch.first[1] != expect:
-                # Look at each event: the first one after a hole means trimmed events.
-                out: list[StreamEvent] = []
-                for event in events:
-                    assert event.id is not None
-                    n = _ordinal(event.id)
-                    if expect is not None and n > expect:
-                        gap = True
-                        break
-                    if expect is not None and n < expect:
-                        log.warning(
-                            "session %r stream restarted (event %s after ordinal %d)",
-                            session_id,
-                            event.id,
-                            expect - 1,
-                        )
-                    expect = n + 1
-                    out.append(event)
-                    if event.event.is_terminal and not follow:
-                        yield out
-                        return
-                if out:
-                    cursor = out[-1].id or cursor
-                    yield out
-                if gap:
-                    break
-                continue
-            expect = batch.last[1] + 1
-            if batch.terminal >= 0 and not follow:
-                yield list(events[: batch.terminal + 1])
-                return
-            cursor = events[-1].id or cursor
-            yield list(events)
-        if not gap:
-            return  # pragma: no cover - _entries only ends by raising
+        try:
+            while True:  # one round per overflow of the subscriber's buffer
+                if backlog:
+                    while True:
+                        page = await hub.read_range(session_id, place.cursor, "+")
+                        if (batch := _page_batch(page)) is not None:
+                            if out := place.take(batch):
+                                yield out
+                            if place.done:
+                                return
+                            if place.gap:
+                                raise _Gap
+                        if page:
+                            place.move(page[-1][0])  # past entries that did not decode, too
+                        if len(page) < CATCH_UP_PAGE:
+                            break
+                sub = hub.attach(session_id, place.cursor)
+                try:
+                    # What the hub's reader had already passed when we attached comes from Redis.
+                    while parse_stream_id(sub.start) > place.at:
+                        page = await hub.read_range(session_id, place.cursor, sub.start)
+                        if not page:
+                            break
+                        if (batch := _page_batch(page)) is not None:
+                            if out := place.take(batch):
+                                yield out
+                            if place.done:
+                                return
+                            if place.gap:
+                                raise _Gap
+                        place.move(page[-1][0])
+                    while True:  # live
+                        batch = sub.next()
+                        if batch is None:
+                            waiter = sub.waiter()
+                            try:
+                                await waiter
+                            except asyncio.CancelledError:
+                                if not _cancelled_by_another(waiter):
+                                    raise
+                            continue
+                        if out := place.take(batch):
+                            yield out
+                        if place.done:
+                            return
+                        if place.gap:
+                            raise _Gap
+                except Overflow:
+                    backlog = True  # we fell behind our buffer: catch up from Redis ourselves
+                finally:
+                    hub.detach(session_id, sub)
+        except _Gap:
+            pass
         # Say how many events we will not deliver, then start again from a fresh snapshot.
         snapshot = await hub.snapshot(session_id, follow=follow)
-        assert expect is not None
+        assert place.expect is not None
         # Everything after our last event up to the snapshot, but the terminal event that the
         # snapshot hands over itself.
         replayed = 1 if snapshot.terminal is not None else 0
-        missed = max(0, _ordinal(snapshot.last_id) - (expect - 1) - replayed)
-        restart = [StreamEvent(id=None, run_id=snapshot.run_id or "", event=Gap(missed=missed))]
-        restart += _replay(snapshot)
-        if snapshot.terminal is not None:
-            restart.append(snapshot.terminal)
-        yield restart
+        missed = max(0, parse_stream_id(snapshot.last_id)[1] - (place.expect - 1) - replayed)
+        gap = StreamEvent(id=None, run_id=snapshot.run_id or "", event=Gap(missed=missed))
+        yield [gap, *_replay(snapshot)]
         if snapshot.terminal is not None and not follow:
             return
-        cursor, backlog = snapshot.last_id, False
-        expect = _ordinal(cursor) + 1
-
-
-def _page_batch(page: list[tuple[str, StreamEvent | None]]) -> Batch | None:
-    events = [event for _, event in page if event is not None]
-    return Batch(events) if events else None
-
-
-async def _entries(hub: Hub, session_id: str, cursor: str, backlog: bool) -> AsyncIterator[Batch]:
-    """Every event after ``cursor``, in order, each once, in batches; never ends by itself.
-
-    With ``backlog`` (a resume, or after falling behind) the subscriber first pages through the
-    stream itself, at its own pace, and only then joins the hub's reader near the end: a reader
-    batch larger than its buffer could otherwise overflow it again and again.
-    """
-    position = parse_stream_id(cursor)
-    while True:
-        if backlog:
-            while True:
-                page = await hub.read_range(session_id, cursor, "+")
-                if page:
-                    cursor = page[-1][0]
-                    position = parse_stream_id(cursor)
-                    if (batch := _page_batch(page)) is not None:
-                        yield batch
-                if len(page) < CATCH_UP_PAGE:
-                    break
-        sub = hub.attach(session_id, cursor)
-        try:
-            # What the hub's reader had already passed when we attached comes from Redis.
-            while parse_stream_id(sub.start) > position:
-                page = await hub.read_range(session_id, cursor, sub.start)
-                if not page:
-                    break
-                cursor = page[-1][0]
-                position = parse_stream_id(cursor)
-                if (batch := _page_batch(page)) is not None:
-                    yield batch
-            while True:
-                try:
-                    got = await sub.get()
-                except Overflow:
-                    break
-                fresh = got.after(position) if got.last > position else None
-                if fresh is not None:
-                    cursor, position = fresh.events[-1].id or cursor, fresh.last
-                    yield fresh
-        finally:
-            hub.detach(session_id, sub)
-        backlog = True  # we fell behind our buffer: catch up from Redis by ourselves
+        place, backlog = _Place(session_id, snapshot.last_id, follow), False

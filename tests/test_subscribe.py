@@ -12,8 +12,8 @@ import redis.asyncio as aioredis
 
 from runstate import Coordinator, RunHandle, RunstateError, StreamEvent
 from runstate.events import Gap, TaskListUpdated, Token, TokenBudgetUpdated
+from runstate.hub import MAX_CONCURRENT_READS
 from runstate.models import Reserved
-from runstate.subscription import MAX_CONCURRENT_READS
 from tests.helpers import eventually
 
 
@@ -266,6 +266,50 @@ async def test_many_subscribers_share_one_reader(coord: Coordinator) -> None:
     for got in results:
         assert [e.event.type for e in got] == ["token", "complete"]
     assert coord._hub.watched == 0
+
+
+async def test_cancelling_one_waiting_subscriber_leaves_the_others_waiting(
+    coord: Coordinator,
+) -> None:
+    # Given three subscribers of one session, all waiting for the next event (on one shared
+    # future: see runstate.batches)
+    run = await start_run(coord)
+    tasks = [asyncio.create_task(collect(coord.subscribe("s1"))) for _ in range(3)]
+    await eventually(lambda: coord._hub.subscribers == 3)
+    await asyncio.sleep(0.05)
+    # When one of them is cancelled while it waits
+    tasks[0].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await tasks[0]
+    await eventually(lambda: coord._hub.subscribers == 2)
+    # Then the other two are still waiting, and get what comes next
+    assert not tasks[1].done() and not tasks[2].done()
+    await run.emit(Token(content="after"))
+    await run.complete()
+    for got in await asyncio.wait_for(asyncio.gather(*tasks[1:]), 10):
+        assert [e.event.type for e in got] == ["token", "complete"]
+
+
+async def test_closing_fails_each_subscriber_with_its_own_error(redis: Any, prefix: str) -> None:
+    # Given many subscribers waiting in one process
+    coord = Coordinator(redis, prefix=prefix)
+    await start_run(coord)
+    tasks = [asyncio.create_task(collect(coord.subscribe("s1"))) for _ in range(50)]
+    await eventually(lambda: coord._hub.subscribers == 50)
+    # When the coordinator closes under them
+    await coord.aclose()
+    errors = await asyncio.gather(*tasks, return_exceptions=True)
+    # Then each fails with a clear error of its own: one instance raised in 50 tasks would
+    # collect all 50 tracebacks (and keep their frames alive)
+    assert all(isinstance(e, RunstateError) and "closed" in str(e) for e in errors)
+    assert len({id(e) for e in errors}) == 50
+    for error in errors:
+        assert isinstance(error, BaseException)
+        depth = 0
+        tb = error.__traceback__
+        while tb is not None:
+            depth, tb = depth + 1, tb.tb_next
+        assert depth < 10
 
 
 async def test_connections_do_not_grow_with_subscribers(redis_url: str, prefix: str) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from runstate import Coordinator, subscription
+from runstate import Coordinator, hub
 from runstate.events import Token
 
 from .common import (
@@ -246,7 +246,7 @@ def run() -> list[Section]:
         )
     by_subs = {p["subs"]: p for p in data["phases"] if p["api"] == "subscribe"}
     conns = {s: p["connections"] for s, p in by_subs.items()}
-    reads = getattr(subscription, "MAX_CONCURRENT_READS", 8)
+    reads = hub.MAX_CONCURRENT_READS
     bound = 1 + reads  # the hub's reader + its concurrent snapshot/catch-up reads
     section.rows.append(
         Row(

@@ -1,0 +1,125 @@
+"""The hub's shared log of batches (runstate.batches): one append serves every subscriber, each
+reads at its own pace, the log holds only what someone still has to read, and a subscriber that
+falls too far behind overflows instead of holding it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from runstate import RunstateError
+from runstate.batches import Batch, Overflow, Subscriber, Watch
+from runstate.events import StreamEvent, Token
+
+
+def batch(first: int, count: int = 1) -> Batch:
+    return Batch(
+        [
+            StreamEvent(id=f"1-{n}", run_id="r1", event=Token(content=str(n)))
+            for n in range(first, first + count)
+        ]
+    )
+
+
+def subscriber(watch: Watch) -> Subscriber:
+    sub = Subscriber(watch)
+    watch.subs.add(sub)
+    return sub
+
+
+def test_every_subscriber_reads_each_appended_batch_once_in_order() -> None:
+    # Given two subscribers of one watch
+    watch = Watch("0-0", limit=100)
+    a, b = subscriber(watch), subscriber(watch)
+    # When three batches are appended
+    appended = [batch(1), batch(2, 3), batch(5)]
+    for item in appended:
+        watch.append(item)
+    # Then each subscriber reads all three, in order, then finds nothing more
+    for sub in (a, b):
+        assert [sub.next() for _ in range(3)] == appended
+        assert sub.next() is None
+
+
+def test_a_subscriber_starts_at_the_end_of_the_log() -> None:
+    # Given a watch that already handed out a batch
+    watch = Watch("0-0", limit=100)
+    early = subscriber(watch)
+    watch.append(batch(1))
+    # When another subscriber attaches, then a batch is appended
+    late = subscriber(watch)
+    watch.append(batch(2))
+    # Then the late one reads only the new batch
+    assert [late.next(), late.next()] == [watch.log[-1], None]
+    assert early.next() is not None and early.next() is watch.log[-1]
+
+
+def test_the_log_keeps_only_batches_someone_still_has_to_read() -> None:
+    # Given two subscribers and a long stream of batches
+    watch = Watch("0-0", limit=1000)
+    a, b = subscriber(watch), subscriber(watch)
+    for n in range(1, 51):
+        watch.append(batch(n))
+        assert a.next() is not None
+    # Then the log holds what b has not read yet, no more
+    assert len(watch.log) == 50
+    for _ in range(50):
+        assert b.next() is not None
+    watch.append(batch(51))
+    # (read by both: everything before the new batch is gone)
+    assert list(watch.log) == [watch.log[-1]] and len(watch.log) == 1
+
+
+def test_a_subscriber_beyond_the_limit_overflows_and_the_others_read_on() -> None:
+    # Given a limit of 4 events, a reader that keeps up and one that does not read
+    watch = Watch("0-0", limit=4)
+    fast, slow = subscriber(watch), subscriber(watch)
+    for n in range(1, 11):
+        watch.append(batch(n))
+        assert fast.next() is not None
+    # Then the log holds no more than the limit, the slow one overflows (it must catch up from
+    # Redis), and the fast one still reads every new batch
+    assert sum(len(b.events) for b in watch.log) <= 4
+    with pytest.raises(Overflow):
+        slow.next()
+    watch.append(batch(11))
+    assert fast.next() is watch.log[-1]
+
+
+def test_one_batch_larger_than_the_limit_overflows_its_readers() -> None:
+    watch = Watch("0-0", limit=4)
+    sub = subscriber(watch)
+    watch.append(batch(1, 5))
+    with pytest.raises(Overflow):
+        sub.next()
+
+
+async def test_one_append_wakes_every_waiting_subscriber() -> None:
+    # Given three subscribers waiting for the next batch
+    watch = Watch("0-0", limit=100)
+    subs = [subscriber(watch) for _ in range(3)]
+
+    async def read(sub: Subscriber) -> Batch:
+        while (item := sub.next()) is None:
+            await sub.waiter()
+        return item
+
+    readers = [asyncio.create_task(read(sub)) for sub in subs]
+    await asyncio.sleep(0)
+    assert all(sub.waiter() is subs[0].waiter() for sub in subs)  # one future for all
+    # When one batch is appended
+    appended = batch(1)
+    watch.append(appended)
+    # Then all of them get it
+    assert await asyncio.wait_for(asyncio.gather(*readers), 1) == [appended] * 3
+
+
+async def test_a_failed_subscriber_raises_its_error_once_the_log_is_read() -> None:
+    watch = Watch("0-0", limit=100)
+    sub = subscriber(watch)
+    watch.append(batch(1))
+    sub.fail(RunstateError("closed"))
+    assert sub.next() is not None  # what was handed out before still comes first
+    with pytest.raises(RunstateError, match="closed"):
+        sub.next()
