@@ -48,6 +48,7 @@ import math
 import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -83,6 +84,7 @@ _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII, as header
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _SSE_QUEUE = 64  # batches of events buffered between a subscription and its client
+_FRAME_CACHE = 4096  # SSE frames kept for the clients of a process (see _Frames)
 _TRUE, _FALSE = frozenset({"true", "1", "yes", "on"}), frozenset({"false", "0", "no", "off", ""})
 _STATIC = {
     "ops.html": "text/html; charset=utf-8",
@@ -121,6 +123,31 @@ def _sse_frame(item: StreamEvent) -> str:
     # serialise only the base class's fields (dropping e.g. a token's content).
     data = item.model_dump_json(serialize_as_any=True)
     return f"{head}event: {item.event.type}\ndata: {data}\n\n"
+
+
+class _Frames:
+    """SSE frames of stream entries, each encoded once for every client that streams it.
+
+    The clients of one session in a process get the same events (one reader, see
+    :mod:`runstate.hub`), so with a thousand of them, encoding each event once instead of a
+    thousand times is most of the CPU an event costs. A stream entry never changes, and its
+    run id and stream id name it; the oldest frames are dropped past ``size``.
+    """
+
+    def __init__(self, size: int = _FRAME_CACHE) -> None:
+        self.size = size
+        self._frames: OrderedDict[tuple[str, str], str] = OrderedDict()
+
+    def __call__(self, item: StreamEvent) -> str:
+        if item.id is None:  # a replayed item or a gap notice: not a stream entry
+            return _sse_frame(item)
+        key = (item.run_id, item.id)
+        frame = self._frames.get(key)
+        if frame is None:
+            frame = self._frames[key] = _sse_frame(item)
+            if len(self._frames) > self.size:
+                self._frames.popitem(last=False)
+        return frame
 
 
 def _summary(state: RunnerState) -> dict[str, Any]:
@@ -181,6 +208,7 @@ class _Api:
         self.prefix = prefix
         self.keepalive = keepalive
         self.pumps: set[asyncio.Task[None]] = set()  # one per open event stream
+        self.frames = _Frames()
 
     def coordinator(self) -> Coordinator:
         if self.coord is None:
@@ -377,7 +405,7 @@ class _Api:
                     else:
                         yield f"event: stream_error\ndata: {_error_json(item.error)}\n\n"
                     return
-                yield "".join(_sse_frame(event) for event in item)  # one write per batch
+                yield "".join(map(self.frames, item))  # one write per batch
         finally:
             # Synchronous on purpose: this may run inside a cancelled scope where awaits fail.
             pump.cancel()

@@ -500,3 +500,35 @@ def test_create_app_rejects_a_bad_keepalive() -> None:
     for bad in (0, -1.0, float("nan"), True):
         with pytest.raises(ValueError, match="keepalive must be a positive number of seconds"):
             create_app(keepalive=bad)
+
+
+def test_sse_frames_of_a_stream_entry_are_encoded_once_for_all_clients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from runstate import http
+    from runstate.events import Gap, StreamEvent
+
+    encoded: list[str | None] = []
+    real = http._sse_frame
+
+    def counting(item: StreamEvent) -> str:
+        encoded.append(item.id)
+        return real(item)
+
+    monkeypatch.setattr(http, "_sse_frame", counting)
+    frames = http._Frames(size=2)
+    token = StreamEvent(id="5-1", run_id="r1", event=Token(content="hi"))
+    # Given one stream entry sent to three clients: encoded once, the same frame for all
+    first = frames(token)
+    same = StreamEvent(id="5-1", run_id="r1", event=Token(content="hi"))
+    assert frames(token) is first and frames(same) is first
+    assert first == real(token) and encoded == ["5-1"]
+    # Items that are not stream entries (replays, gap notices) are encoded every time
+    gap = StreamEvent(id=None, run_id="r1", event=Gap(missed=3))
+    assert frames(gap) == frames(gap) == real(gap)
+    assert encoded == ["5-1", None, None]
+    # The cache is bounded: the oldest frames go first
+    for n in (2, 3):
+        frames(StreamEvent(id=f"5-{n}", run_id="r1", event=Token(content=str(n))))
+    frames(token)
+    assert encoded[-1] == "5-1"  # dropped, so encoded again
