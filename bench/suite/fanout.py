@@ -2,12 +2,13 @@
 
 This process is the producer: a claimed run emitting ``Token`` events at 1,000 events/s whose
 content is ``time.time_ns()`` at send time. The subscribers all live in one subprocess
-(:mod:`suite.fanout_consumer`), which measures receive time minus send time (same machine,
-same clock). Each subscriber count is one consumer process; the producer runs ``BENCH_REPS``
-runs in a row on the session (as long as ``PHASES`` says), each run giving a p50 and a p99;
-the table shows the median of those. Connections: ``CLIENT LIST`` entries named by the consumer's
-``?client_name=`` (sampled before and in the middle of every run; the most seen is reported).
-Baseline: sequential ``PING`` round trips on the producer's client before each run.
+(:mod:`suite.fanout_consumer`), which notes when each event arrives and works out receive time
+minus send time after the last run (same machine, same clock). Each subscriber count is one
+consumer process; the producer runs ``BENCH_REPS`` runs in a row on the session (as long as
+``PHASES`` says), each run giving a p50 and a p99; the table shows the median of those.
+Connections: ``CLIENT LIST`` entries named by the consumer's ``?client_name=`` (sampled before
+and in the middle of every run; the most seen is reported). Baseline: sequential ``PING``
+round trips on the producer's client before each run.
 """
 
 from __future__ import annotations
@@ -211,7 +212,10 @@ def run() -> list[Section]:
         + " / ".join(f"{p['subs']:,} ({p['api']})" for p in data["phases"])
         + " (past saturation the latency grows with the run's length: a shorter run keeps the "
         "figure a lower bound and the time bounded); median of the per-run p50 / p99 of receive "
-        "time - send time (`subscribe_batches` takes one receive time per batch). "
+        "time - send time (`subscribe_batches` takes one receive time per batch; the subscriber "
+        "process notes receive times as events arrive and works out the latencies after the last "
+        "run, and calls `gc.freeze()` once its subscribers are attached, as a long-running "
+        "server does after start-up). "
         f"Baseline: sequential `PING` round trips from the producer ({scaled(PINGS, 200)} "
         "before each run, the subscribers attached and idle), median of the per-run p50 / p99.",
         data=data,
