@@ -37,7 +37,7 @@ def connect(url: str, *, cluster: bool = False, max_connections: int = 64) -> An
     ``max_connections``, or with ``cluster`` a :class:`~redis.asyncio.RedisCluster` that
     discovers the other nodes from this one (``max_connections`` per node)."""
     if cluster:
-        return RedisCluster.from_url(url, max_connections=max_connections, **_OPTIONS)
+        return _Cluster.from_url(url, max_connections=max_connections, **_OPTIONS)
     # A blocking pool: a burst of concurrent operations waits for a connection instead of
     # failing, and the process never holds more than max_connections.
     pool = BlockingConnectionPool.from_url(
@@ -46,6 +46,21 @@ def connect(url: str, *, cluster: bool = False, max_connections: int = 64) -> An
     if _hiredis_pack is not None and pool.connection_kwargs.get("encoding", "utf-8") == "utf-8":
         pool.connection_class = _hiredis_packing(pool.connection_class)
     return Redis.from_pool(pool)  # closing the client closes the pool too
+
+
+class _Cluster(RedisCluster):
+    """redis-py's cluster client, which loads the slot map before it routes a command.
+
+    redis-py (8.1) picks a command's nodes before it loads the slot map on first use (and after
+    it closed itself on a topology error): without the map a keyed command goes to a random
+    node and comes back MOVED, and every fifth MOVED makes redis-py close every connection of
+    the client, cutting the commands other tasks have in flight on them.
+    """
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self.get_default_node() is None:  # no slot map yet (or any more)
+            await self.initialize()
+        return await super().execute_command(*args, **kwargs)
 
 
 class _HiredisPacking:

@@ -35,6 +35,8 @@ class Coordinator:
         client: a redis-py asyncio client made with ``decode_responses=True`` (and, like
             :meth:`from_url`'s, ``encoding_errors="replace"``, so that bytes written by hand
             that are not UTF-8 read as junk to skip rather than failing the reply they are in).
+            A :class:`~redis.asyncio.RedisCluster` must be initialised first (``await
+            client.initialize()``): before, redis-py sends commands to random nodes.
         prefix: the prefix of every key (default ``runstate``).
         retention: seconds a finished session's keys are kept (default 1 hour; 0 keeps them).
         maxlen: approximate cap of each session's event stream (default 1000).

@@ -292,6 +292,11 @@ class _Api:
             raw = await retry.call(f"idempotency {key!r}", lambda: coord.client.get(rkey))
             if raw is not None:
                 record = _record(raw)
+                if record.get("state") == "pending" and record.get("owner") == owner:
+                    # Ours: the SET NX went through but its reply was lost, and the retry found it.
+                    return await self._execute_and_store(
+                        coord, sid, payload, rkey, owner, fingerprint
+                    )
                 if record.get("fingerprint") != fingerprint:
                     raise _HTTPError(
                         409,

@@ -25,10 +25,12 @@ def client_like(redis: Any, **options: Any) -> Any:
     """A client of the same server as ``redis`` (fake, real or cluster), with other options."""
     from redis.asyncio import Redis, RedisCluster
 
+    from runstate.client import _Cluster
+
     if isinstance(redis, RedisCluster):
         node = next(iter(redis.nodes_manager.startup_nodes.values()))
         decode = {"decode_responses": redis.get_encoder().decode_responses}
-        return RedisCluster(host=node.host, port=node.port, **{**decode, **options})
+        return _Cluster(host=node.host, port=node.port, **{**decode, **options})
     pool = redis.connection_pool
     kwargs = {**pool.connection_kwargs, **options}
     return Redis.from_pool(type(pool)(connection_class=pool.connection_class, **kwargs))

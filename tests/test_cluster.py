@@ -3,7 +3,8 @@ SIGKILL, a cancel, subscribers, the reaper repairing the global indexes, and an 
 
 The in-process integration suite runs on the cluster too (the ``cluster`` case of the ``redis``
 fixture); these tests add the real processes. The ``cluster_url`` fixture fails the session at
-teardown if any node ever refused a command for naming keys of more than one slot.
+teardown if any node ever refused a command for naming keys of more than one slot, or redirected
+one (MOVED: a client that routed it before it knew the slot map).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis as redis_sync
 from redis.asyncio import RedisCluster
 from redis.crc import key_slot
 
 from runstate import Coordinator, StreamEvent
+from runstate.client import connect
 from runstate.config import ENV_CLUSTER
 
 from .agents.helpers import StartProcess, registered, wait_status, worker_processes
@@ -162,6 +165,36 @@ async def test_an_http_replica_streams_and_resumes_on_a_cluster(
         assert state is not None and state.status == "completed"
     finally:
         assert stop_serve(replica) == 0, replica.output()
+
+
+def _redirected(cluster_url: str) -> int:
+    """How many commands the nodes of the cluster have answered with MOVED, all together."""
+    with redis_sync.Redis.from_url(cluster_url, decode_responses=True) as client:
+        text = client.execute_command("CLUSTER", "NODES")
+    total = 0
+    for line in text.splitlines():  # "<id> <host>:<port>@<bus port> ..."
+        host, port = line.split()[1].split("@")[0].rsplit(":", 1)
+        with redis_sync.Redis(host=host, port=int(port), decode_responses=True) as node:
+            total += node.info("errorstats").get("errorstat_MOVED", {}).get("count", 0)
+    return total
+
+
+async def test_the_first_commands_of_a_new_cluster_client_go_straight_to_their_nodes(
+    cluster_url: str, prefix: str
+) -> None:
+    # Given a cluster client made as Coordinator.from_url makes it, that has sent nothing yet
+    client = connect(cluster_url, cluster=True)
+    try:
+        before = _redirected(cluster_url)
+        # When 30 tasks send their first commands together, on keys of every node
+        keys = [f"{prefix}:first:{i}" for i in range(30)]
+        await asyncio.gather(*(client.set(key, "v") for key in keys))
+        # Then none went to a wrong node: no MOVED (on every fifth, redis-py would close every
+        # connection of the client, under the commands the other tasks have in flight)
+        assert _redirected(cluster_url) == before
+        assert await client.get(keys[-1]) == "v"
+    finally:
+        await client.aclose()
 
 
 def test_a_cluster_of_fewer_than_three_masters_is_refused_naming_the_count() -> None:

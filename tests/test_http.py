@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from redis import exceptions as rexc
 from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.routing import Mount
@@ -186,6 +187,30 @@ async def test_concurrent_requests_with_one_key_execute_once(
     assert {r.status_code for r in responses} == {202}
     assert len({r.json()["run_id"] for r in responses}) == 1
     assert sum("idempotent-replayed" not in r.headers for r in responses) == 1
+
+
+async def test_a_claim_whose_reply_was_lost_still_executes(
+    client: httpx.AsyncClient, coord: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given Redis storing the first pending marker (SET NX) but its reply being lost
+    real_set = coord.client.set
+    lost: list[str] = []
+
+    async def reply_lost(name: str, *args: Any, **kwargs: Any) -> Any:
+        result = await real_set(name, *args, **kwargs)
+        if kwargs.get("nx") and not lost:
+            lost.append(name)
+            raise rexc.ConnectionError("Connection closed by server.")
+        return result
+
+    monkeypatch.setattr(coord.client, "set", reply_lost)
+    response = await client.post(
+        f"{API}/sessions/i6/execute", json={}, headers={"Idempotency-Key": "k6"}
+    )
+    # Then the retry finds its own marker and executes (not 409 after waiting for itself)
+    assert lost == [coord.keys.idempotency("k6")]
+    assert response.status_code == 202
+    assert "idempotent-replayed" not in response.headers
 
 
 async def test_a_bad_idempotency_key_is_400(client: httpx.AsyncClient) -> None:
