@@ -2,8 +2,9 @@
 stream that every local subscriber of it reads at its own pace (:mod:`runstate.hub` reads
 Redis and appends to the logs, :mod:`runstate.subscription` reads them).
 
-Handing a read to a thousand subscribers is one append and one wake-up of one shared future,
-not a thousand queue pushes: each subscriber only keeps its place in the log. The log keeps a
+Handing a read to a thousand subscribers is one append and ten wake-ups of futures shared by a
+hundred subscribers each, not a thousand queue pushes: each subscriber only keeps its place in
+the log. The log keeps a
 batch while some subscriber still has to read it and it lies within ``limit`` events of the end;
 a subscriber that falls further behind than that overflows, and catches up from Redis instead.
 """
@@ -18,6 +19,9 @@ from .codec import parse_stream_id
 from .events import StreamEvent
 
 __all__ = ["Batch", "Overflow", "Subscriber", "Watch"]
+
+# Subscribers woken per turn of the event loop (see Watch.wake).
+WAKE_GROUP = 100
 
 
 class Overflow(Exception):
@@ -56,7 +60,7 @@ class Watch:
         limit: how many events one subscriber may have left unread before it overflows.
     """
 
-    __slots__ = ("base", "cursor", "limit", "log", "subs", "total", "waiter")
+    __slots__ = ("base", "cursor", "group", "grouped", "limit", "log", "subs", "total", "waiting")
 
     def __init__(self, cursor: str, limit: int) -> None:
         self.cursor = cursor
@@ -65,7 +69,10 @@ class Watch:
         self.log: deque[Batch] = deque()
         self.base = 0  # the position (counted in batches since the watch began) of log[0]
         self.total = 0  # events appended since the watch began
-        self.waiter: asyncio.Future[None] | None = None  # shared by every waiting subscriber
+        # The waiting subscribers, in groups of up to WAKE_GROUP sharing one future each.
+        self.waiting: list[asyncio.Future[None]] = []
+        self.group: asyncio.Future[None] | None = None  # the group new waiters join
+        self.grouped = 0  # how many joined it
 
     @property
     def end(self) -> int:
@@ -92,10 +99,35 @@ class Watch:
             log.popleft()
             self.base += 1
 
+    def waiter(self) -> asyncio.Future[None]:
+        """The future a subscriber waits on: done at the next append (or failure)."""
+        group = self.group
+        if group is None or group.done() or self.grouped >= WAKE_GROUP:
+            group = self.group = asyncio.get_running_loop().create_future()
+            self.waiting.append(group)
+            self.grouped = 0
+        self.grouped += 1
+        return group
+
     def wake(self) -> None:
-        waiter, self.waiter = self.waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        """Wake every waiting subscriber, a group per turn of the event loop.
+
+        Between two groups the loop handles I/O: the hub's next read comes in and is appended
+        while the wake-up goes on, so the subscribers still to be woken get it in the same
+        wake-up, instead of one whole pass later (with a thousand subscribers, a pass takes
+        milliseconds).
+        """
+        groups, self.waiting, self.group = self.waiting, [], None
+        if groups:
+            _wake_in_turn(groups, 0)
+
+
+def _wake_in_turn(groups: list[asyncio.Future[None]], index: int) -> None:
+    group = groups[index]
+    if not group.done():
+        group.set_result(None)  # its subscribers run next turn, then this again
+    if index + 1 < len(groups):
+        asyncio.get_running_loop().call_soon(_wake_in_turn, groups, index + 1)
 
 
 class Subscriber:
@@ -135,11 +167,7 @@ class Subscriber:
         return batch
 
     def waiter(self) -> asyncio.Future[None]:
-        """A future done at the watch's next append (or failure), shared by every waiting
-        subscriber of the watch: a subscriber cancelled while awaiting it cancels it for all of
+        """A future done at the watch's next append (or failure), shared with other waiting
+        subscribers of the watch: a subscriber cancelled while awaiting it cancels it for all of
         them, who then just wait again."""
-        watch = self.watch
-        waiter = watch.waiter
-        if waiter is None or waiter.done():
-            waiter = watch.waiter = asyncio.get_running_loop().create_future()
-        return waiter
+        return self.watch.waiter()

@@ -123,3 +123,28 @@ async def test_a_failed_subscriber_raises_its_error_once_the_log_is_read() -> No
     assert sub.next() is not None  # what was handed out before still comes first
     with pytest.raises(RunstateError, match="closed"):
         sub.next()
+
+
+async def test_a_wake_up_lets_the_loop_run_between_groups_of_subscribers() -> None:
+    # Given 250 subscribers waiting (three groups: 100, 100, 50)
+    watch = Watch("0-0", limit=100)
+    subs = [subscriber(watch) for _ in range(250)]
+    woken: list[int] = []
+
+    async def read(sub: Subscriber) -> None:
+        while sub.next() is None:
+            await sub.waiter()
+        woken.append(1)
+
+    readers = [asyncio.create_task(read(sub)) for sub in subs]
+    await asyncio.sleep(0)
+    assert len({id(sub.waiter()) for sub in subs}) == 3
+    # When a batch is appended, and something else is scheduled right after
+    seen_then: list[int] = []
+    watch.append(batch(1))
+    asyncio.get_running_loop().call_soon(lambda: seen_then.append(len(woken)))
+    await asyncio.wait_for(asyncio.gather(*readers), 1)
+    # Then it ran once the first group was woken, not after all 250: the loop handles I/O
+    # between groups (the hub's next read lands while the wake-up goes on), and all are woken
+    assert seen_then == [100]
+    assert len(woken) == 250
