@@ -2,11 +2,12 @@
 stream that every local subscriber of it reads at its own pace (:mod:`runstate.hub` reads
 Redis and appends to the logs, :mod:`runstate.subscription` reads them).
 
-Handing a read to a thousand subscribers is one append and ten wake-ups of futures shared by a
-hundred subscribers each, not a thousand queue pushes: each subscriber only keeps its place in
-the log. The log keeps a
-batch while some subscriber still has to read it and it lies within ``limit`` events of the end;
-a subscriber that falls further behind than that overflows, and catches up from Redis instead.
+Handing a read to a thousand subscribers is one append (with one pass over their places, to
+trim the log) and ten wake-ups of futures shared by a hundred subscribers each, not a thousand
+queue pushes and futures. Each append drops the batches that every subscriber has read, or that
+lie more than ``limit`` events before the end; a subscriber that falls further behind than that
+overflows, and catches up from Redis instead. A subscriber cancelled while it waits cancels its
+group's future, which wakes the rest of the group for nothing: they wait again.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ WAKE_GROUP = 100
 
 
 class Overflow(Exception):
-    """The subscriber fell behind its buffer; it must catch up from Redis."""
+    """The subscriber fell more than the limit behind the end of the log; it must catch up
+    from Redis."""
 
 
 class Batch:
@@ -103,6 +105,10 @@ class Watch:
         """The future a subscriber waits on: done at the next append (or failure)."""
         group = self.group
         if group is None or group.done() or self.grouped >= WAKE_GROUP:
+            if group is not None and group.cancelled():
+                # A subscriber's cancellation cancelled it (see Subscriber.waiter): forget it,
+                # so that disconnects on a quiet stream do not pile up cancelled groups.
+                self.waiting = [g for g in self.waiting if not g.done()]
             group = self.group = asyncio.get_running_loop().create_future()
             self.waiting.append(group)
             self.grouped = 0
@@ -160,6 +166,8 @@ class Subscriber:
                 raise self.error
             return None
         if index < 0 or watch.total - self.read > watch.limit:
+            if self.error is not None:  # say why it ends, rather than catch up from Redis
+                raise self.error
             raise Overflow
         batch = watch.log[index]
         self.position += 1

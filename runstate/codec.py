@@ -59,7 +59,7 @@ def decode_entry(entry_id: str, fields: dict[str, str], where: str = "") -> Stre
     try:
         event = parse_event(fields["data"])
         return StreamEvent(id=entry_id, run_id=fields["run"], seq=int(fields["seq"]), event=event)
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, TypeError) as exc:
         log.warning("skipping malformed stream entry %s %s: %s", where, entry_id, exc)
         return None
 

@@ -19,6 +19,7 @@ last tool name and phase).
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -304,9 +305,17 @@ class StreamEvent(BaseModel):
 
 
 def _loads(data: str | bytes | JSONObject) -> JSONObject:
-    # pydantic-core's parser: 0.7 µs for a token event where json.loads takes 4 µs (and orjson,
-    # a dependency more, 0.6 µs). A bad document raises ValueError, as json.loads does.
-    obj = from_json(data) if isinstance(data, str | bytes) else data
+    if isinstance(data, str | bytes):
+        # pydantic-core's parser: 0.7 µs for a token event where json.loads takes 4 µs (and
+        # orjson, a dependency more, 0.6 µs). It refuses what json.loads takes (nesting past
+        # ~200 levels, which the writer allows; lone surrogates), so on any refusal json.loads
+        # decides, and a bad document raises ValueError as before.
+        try:
+            obj = from_json(data)
+        except (ValueError, TypeError):
+            obj = json.loads(data)
+    else:
+        obj = data
     if not isinstance(obj, dict):
         raise ValueError(f"an event must be a JSON object, got {type(obj).__name__}")
     return obj

@@ -84,7 +84,8 @@ _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII, as header
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _SSE_QUEUE = 64  # batches of events buffered between a subscription and its client
-_FRAME_CACHE = 4096  # SSE frames kept for the clients of a process (see _Frames)
+_FRAME_CACHE_BYTES = 8 << 20  # SSE frames kept for the clients of a process (see _Frames)
+_FRAME_MAX = 64 << 10  # ... each at most this long
 _TRUE, _FALSE = frozenset({"true", "1", "yes", "on"}), frozenset({"false", "0", "no", "off", ""})
 _STATIC = {
     "ops.html": "text/html; charset=utf-8",
@@ -130,23 +131,30 @@ class _Frames:
 
     The clients of one session in a process get the same events (one reader, see
     :mod:`runstate.hub`), so with a thousand of them, encoding each event once instead of a
-    thousand times is most of the CPU an event costs. A stream entry never changes, and its
-    run id and stream id name it; the oldest frames are dropped past ``size``.
+    thousand times is most of the CPU an event costs. A stream entry never changes; the
+    session, run id and stream id name it. The cache holds at most ``max_bytes`` of frames
+    (the oldest go first) and skips frames over ``max_frame`` bytes: large events are rare,
+    and would push out everything else.
     """
 
-    def __init__(self, size: int = _FRAME_CACHE) -> None:
-        self.size = size
-        self._frames: OrderedDict[tuple[str, str], str] = OrderedDict()
+    def __init__(self, max_bytes: int = _FRAME_CACHE_BYTES, max_frame: int = _FRAME_MAX) -> None:
+        self.max_bytes = max_bytes
+        self.max_frame = max_frame
+        self.size = 0  # characters of the frames held (about bytes: they are mostly ASCII)
+        self._frames: OrderedDict[tuple[str, str, str], str] = OrderedDict()
 
-    def __call__(self, item: StreamEvent) -> str:
+    def __call__(self, session_id: str, item: StreamEvent) -> str:
         if item.id is None:  # a replayed item or a gap notice: not a stream entry
             return _sse_frame(item)
-        key = (item.run_id, item.id)
+        key = (session_id, item.run_id, item.id)
         frame = self._frames.get(key)
         if frame is None:
-            frame = self._frames[key] = _sse_frame(item)
-            if len(self._frames) > self.size:
-                self._frames.popitem(last=False)
+            frame = _sse_frame(item)
+            if len(frame) <= self.max_frame:
+                self._frames[key] = frame
+                self.size += len(frame)
+                while self.size > self.max_bytes:
+                    self.size -= len(self._frames.popitem(last=False)[1])
         return frame
 
 
@@ -410,7 +418,7 @@ class _Api:
                     else:
                         yield f"event: stream_error\ndata: {_error_json(item.error)}\n\n"
                     return
-                yield "".join(map(self.frames, item))  # one write per batch
+                yield "".join([self.frames(sid, event) for event in item])  # one write per batch
         finally:
             # Synchronous on purpose: this may run inside a cancelled scope where awaits fail.
             pump.cancel()

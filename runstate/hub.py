@@ -59,7 +59,7 @@ class Hub:
     Args:
         store: the store whose client the reader connection comes from.
         block_ms: how long one XREAD blocks before looping.
-        buffer: how many undelivered events one subscriber may hold before it must catch up
+        buffer: how many events one subscriber may leave unread before it must catch up
             from Redis by itself.
         count: the most entries read per stream per XREAD.
         cluster_poll_ms: on a Redis Cluster, the longest pause between two polls (the delivery

@@ -6,7 +6,7 @@ over one connection; a subscriber that is behind reads pages of the stream itsel
 Each subscriber checks the ordinal in every event id (``<ms>-<n>``, n counting the session's
 events), so it knows exactly how many events it did not get: if events were trimmed away before
 it read them, it is told with a ``gap`` event carrying that number, then gets the snapshot replay
-and the live tail. A subscriber that falls behind the hub's buffer is not a reason to stall the
+and the live tail. A subscriber that falls too far behind the hub's log is not a reason to stall the
 reader or grow memory: it catches up from Redis on its own, which only costs a gap if the events
 it missed have been trimmed meanwhile.
 """
@@ -124,7 +124,14 @@ def _page_batch(page: list[tuple[str, StreamEvent | None]]) -> Batch | None:
 
 def _cancelled_by_another(waiter: asyncio.Future[None]) -> bool:
     """Whether a waiter shared by several subscribers (see :class:`Watch`) was cancelled by
-    another one's cancellation rather than this task's."""
+    another one's cancellation rather than this task's.
+
+    This task's own cancellation shows in ``Task.cancelling()``, even one requested while it
+    ran, just before it began waiting (its count cannot tell that one from an old one, so any
+    count means ours). A task that caught a cancellation earlier without calling ``uncancel()``
+    (as asyncio asks) therefore still counts as cancelled, and gets a ``CancelledError`` when
+    another subscriber's cancellation wakes it.
+    """
     task = asyncio.current_task()
     return waiter.cancelled() and task is not None and not task.cancelling()
 
@@ -166,9 +173,9 @@ async def subscribe_batches(
     events per second.
 
     Every event after the place reached, in order, each once: a subscriber that is behind (a
-    resume, or one that fell behind its buffer) first pages through the stream itself, at its
+    resume, or one that fell too far behind) first pages through the stream itself, at its
     own pace, and only then joins the hub's reader near the end, since a reader batch larger
-    than its buffer could otherwise overflow it again and again. The live part is written out
+    than its limit could otherwise overflow it again and again. The live part is written out
     here rather than in a helper generator: with many subscribers per process, each layer of
     generators costs a noticeable share of every wake-up.
     """
@@ -186,7 +193,7 @@ async def subscribe_batches(
 
     while True:
         try:
-            while True:  # one round per overflow of the subscriber's buffer
+            while True:  # one round per overflow (the subscriber fell too far behind)
                 if backlog:
                     while True:
                         page = await hub.read_range(session_id, place.cursor, "+")

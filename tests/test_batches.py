@@ -148,3 +148,44 @@ async def test_a_wake_up_lets_the_loop_run_between_groups_of_subscribers() -> No
     # between groups (the hub's next read lands while the wake-up goes on), and all are woken
     assert seen_then == [100]
     assert len(woken) == 250
+
+
+def test_a_failed_subscriber_that_fell_behind_gets_its_error_not_an_overflow() -> None:
+    # Given a subscriber far behind (it would overflow) when its stream fails
+    watch = Watch("0-0", limit=2)
+    sub = subscriber(watch)
+    for n in range(1, 6):
+        watch.append(batch(n))
+    sub.fail(RunstateError("cannot read events of session 's1': junk"))
+    # Then it is told why it ends, rather than sent back to Redis to catch up
+    with pytest.raises(RunstateError, match="junk"):
+        sub.next()
+
+
+async def test_cancelled_groups_do_not_pile_up_on_a_quiet_stream() -> None:
+    # Given subscribers that wait on a stream where nothing arrives, and clients that come,
+    # wait and are cancelled (disconnects)
+    watch = Watch("0-0", limit=100)
+    steady = [subscriber(watch) for _ in range(5)]
+
+    async def wait(sub: Subscriber) -> None:
+        while sub.next() is None:
+            waiter = sub.waiter()
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not waiter.cancelled() or (task is not None and task.cancelling()):
+                    raise
+
+    waiting = [asyncio.create_task(wait(sub)) for sub in steady]
+    for _ in range(50):
+        passing = asyncio.create_task(wait(subscriber(watch)))
+        await asyncio.sleep(0)
+        passing.cancel()
+        await asyncio.gather(passing, return_exceptions=True)
+        await asyncio.sleep(0)
+    # Then the watch holds a group or two, not one per disconnect
+    assert len(watch.waiting) <= 2
+    watch.append(batch(1))
+    await asyncio.wait_for(asyncio.gather(*waiting), 1)

@@ -503,3 +503,21 @@ async def test_junk_in_the_critical_list_and_budget_is_skipped(
     assert replayed.event == TaskListUpdated(task_list=["real"])
     assert (live.id, live.event) == (live_id, TokenBudgetUpdated(usage={"t": 1}))
     assert any(r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_every_event_the_writer_accepts_is_read_back() -> None:
+    # The read side parses with pydantic-core first, which refuses nesting past ~200 levels
+    # and lone surrogates; json.loads, which the writer's output always satisfied, decides then.
+    from runstate.codec import decode_entry
+    from runstate.events import GenericEvent, dump_event, parse_event
+
+    nested: Any = "leaf"
+    for _ in range(250):  # the writer takes it (its own limit is a little further)
+        nested = [nested]
+    deep = dump_event(GenericEvent(type="deep_result", payload=nested))
+    assert getattr(parse_event(deep), "payload") == nested  # noqa: B009 (an extra field)
+    # A lone surrogate (a client decoding with surrogateescape) is read, not a TypeError that
+    # would stop the event reader
+    data = b'{"type":"token","content":"\xff"}'.decode("utf-8", "surrogateescape")
+    entry = decode_entry("1-1", {"data": data, "run": "r1", "seq": "1"})
+    assert entry is not None and entry.event.type == "token"

@@ -541,19 +541,31 @@ def test_sse_frames_of_a_stream_entry_are_encoded_once_for_all_clients(
         return real(item)
 
     monkeypatch.setattr(http, "_sse_frame", counting)
-    frames = http._Frames(size=2)
     token = StreamEvent(id="5-1", run_id="r1", event=Token(content="hi"))
+    size = len(real(token))
+    frames = http._Frames(max_bytes=2 * size, max_frame=size)
     # Given one stream entry sent to three clients: encoded once, the same frame for all
-    first = frames(token)
+    first = frames("s1", token)
     same = StreamEvent(id="5-1", run_id="r1", event=Token(content="hi"))
-    assert frames(token) is first and frames(same) is first
+    assert frames("s1", token) is first and frames("s1", same) is first
     assert first == real(token) and encoded == ["5-1"]
+    # The same ids in another session are another entry
+    other = StreamEvent(id="5-1", run_id="r1", event=Token(content="ho"))
+    assert frames("s2", other) == real(other) != first
     # Items that are not stream entries (replays, gap notices) are encoded every time
+    encoded.clear()
     gap = StreamEvent(id=None, run_id="r1", event=Gap(missed=3))
-    assert frames(gap) == frames(gap) == real(gap)
-    assert encoded == ["5-1", None, None]
-    # The cache is bounded: the oldest frames go first
-    for n in (2, 3):
-        frames(StreamEvent(id=f"5-{n}", run_id="r1", event=Token(content=str(n))))
-    frames(token)
-    assert encoded[-1] == "5-1"  # dropped, so encoded again
+    assert frames("s1", gap) == frames("s1", gap) == real(gap)
+    assert encoded == [None, None]
+    # Frames over max_frame are not kept
+    encoded.clear()
+    big = StreamEvent(id="5-2", run_id="r1", event=Token(content="x" * 100))
+    frames("s1", big)
+    frames("s1", big)
+    assert encoded == ["5-2", "5-2"]
+    # The cache holds at most max_bytes: the oldest frames go first
+    encoded.clear()
+    frames("s1", StreamEvent(id="5-3", run_id="r1", event=Token(content="hi")))
+    assert frames.size <= 2 * size
+    frames("s1", token)
+    assert encoded == ["5-3", "5-1"]  # 5-1 was dropped, so encoded again

@@ -290,6 +290,32 @@ async def test_cancelling_one_waiting_subscriber_leaves_the_others_waiting(
         assert [e.event.type for e in got] == ["token", "complete"]
 
 
+async def test_a_subscriber_cancelled_just_before_it_waits_ends(coord: Coordinator) -> None:
+    # Given subscribers sharing one future, and one whose task is cancelled while it runs (so
+    # the cancellation lands on the shared future as it starts waiting)
+    run = await start_run(coord)
+    peers = [asyncio.create_task(collect(coord.subscribe("s1"))) for _ in range(3)]
+
+    async def cancelled_while_reading() -> None:
+        async for _ in coord.subscribe("s1"):
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+
+    victim = asyncio.create_task(cancelled_while_reading())
+    await eventually(lambda: coord._hub.subscribers == 4)
+    await asyncio.sleep(0.05)
+    # When an event arrives
+    await run.emit(Token(content="a"))
+    # Then that subscriber ends, cancelled (its cancellation is not taken for another's), and
+    # the others go on
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(victim, 5)
+    await run.complete()
+    for got in await asyncio.wait_for(asyncio.gather(*peers), 10):
+        assert [e.event.type for e in got] == ["token", "complete"]
+
+
 async def test_closing_fails_each_subscriber_with_its_own_error(redis: Any, prefix: str) -> None:
     # Given many subscribers waiting in one process
     coord = Coordinator(redis, prefix=prefix)
