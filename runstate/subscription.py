@@ -116,10 +116,29 @@ class _Place:
             self.move(out[-1].id or self.cursor)
         return out
 
+    def finished(self) -> bool:
+        """After handing out what :meth:`take` returned: True once the subscription is over;
+        raises :class:`_Gap` at a hole."""
+        if self.done:
+            return True
+        if self.gap:
+            raise _Gap
+        return False
 
-def _page_batch(page: list[tuple[str, StreamEvent | None]]) -> Batch | None:
-    events = [event for _, event in page if event is not None]
-    return Batch(events) if events else None
+
+async def _pages(hub: Hub, session_id: str, place: _Place, before: str) -> AsyncIterator[Batch]:
+    """The stream's entries after ``place`` up to ``before`` (``"+"``: the end), read from
+    Redis a page at a time, as batches; ``place`` moves past each page, entries that did not
+    decode included."""
+    while before == "+" or parse_stream_id(before) > place.at:
+        page = await hub.read_range(session_id, place.cursor, before)
+        events = [event for _, event in page if event is not None]
+        if events:
+            yield Batch(events)
+        if page:
+            place.move(page[-1][0])
+        if len(page) < CATCH_UP_PAGE:
+            return
 
 
 def _cancelled_by_another(waiter: asyncio.Future[None]) -> bool:
@@ -195,34 +214,19 @@ async def subscribe_batches(
         try:
             while True:  # one round per overflow (the subscriber fell too far behind)
                 if backlog:
-                    while True:
-                        page = await hub.read_range(session_id, place.cursor, "+")
-                        if (batch := _page_batch(page)) is not None:
-                            if out := place.take(batch):
-                                yield out
-                            if place.done:
-                                return
-                            if place.gap:
-                                raise _Gap
-                        if page:
-                            place.move(page[-1][0])  # past entries that did not decode, too
-                        if len(page) < CATCH_UP_PAGE:
-                            break
+                    async for page in _pages(hub, session_id, place, "+"):
+                        if out := place.take(page):
+                            yield out
+                        if place.finished():
+                            return
                 sub = hub.attach(session_id, place.cursor)
                 try:
                     # What the hub's reader had already passed when we attached comes from Redis.
-                    while parse_stream_id(sub.start) > place.at:
-                        page = await hub.read_range(session_id, place.cursor, sub.start)
-                        if not page:
-                            break
-                        if (batch := _page_batch(page)) is not None:
-                            if out := place.take(batch):
-                                yield out
-                            if place.done:
-                                return
-                            if place.gap:
-                                raise _Gap
-                        place.move(page[-1][0])
+                    async for page in _pages(hub, session_id, place, sub.start):
+                        if out := place.take(page):
+                            yield out
+                        if place.finished():
+                            return
                     while True:  # live
                         batch = sub.next()
                         if batch is None:
@@ -235,10 +239,8 @@ async def subscribe_batches(
                             continue
                         if out := place.take(batch):
                             yield out
-                        if place.done:
+                        if place.finished():
                             return
-                        if place.gap:
-                            raise _Gap
                 except Overflow:
                     backlog = True  # we fell behind our buffer: catch up from Redis ourselves
                 finally:
