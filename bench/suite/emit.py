@@ -31,6 +31,7 @@ from .common import (
 
 EVENT_BYTES = 100
 BATCHES = (16, 64)
+CHUNK = 64  # events per slice of the interleaving; a multiple of every batch size
 
 
 def token_of_size(size: int) -> Token:
@@ -66,11 +67,13 @@ async def emit_many_loop(run: RunHandle, event: Token, n: int, size: int) -> flo
     return time.perf_counter() - start
 
 
-async def raw_loop(coord: Coordinator, key: str, run_id: str, data: str, n: int) -> float:
+async def raw_loop(
+    coord: Coordinator, key: str, run_id: str, data: str, n: int, first_seq: int = 1
+) -> float:
     client = coord.client
     start = time.perf_counter()
-    for i in range(n):
-        fields = {"run": run_id, "seq": i + 1, "type": "token", "data": data}
+    for seq in range(first_seq, first_seq + n):
+        fields = {"run": run_id, "seq": seq, "type": "token", "data": data}
         await client.xadd(key, fields, maxlen=1000, approximate=True)
     return time.perf_counter() - start
 
@@ -88,16 +91,25 @@ async def measure(url: str, tag: str) -> dict[str, Any]:
         await raw_loop(coord, f"{tag}:raw:warm", "r" * 32, data, 200)
         await end_run(coord, warm)
         for rep in range(reps()):
-            # Interleaved, so that drift of the machine hits every variant alike.
-            elapsed = await raw_loop(coord, f"{tag}:raw:{rep}", "r" * 32, data, n)
-            rates["raw"].append(n / elapsed)
-            run = await claimed_run(coord, f"emit-{rep}")
-            rates["emit"].append(n / await emit_loop(run, event, n))
-            await end_run(coord, run)
-            for size in BATCHES:
-                run = await claimed_run(coord, f"batch{size}-{rep}")
-                count = (n // size) * size
-                rates[f"batch{size}"].append(count / await emit_many_loop(run, event, n, size))
+            # Interleaved in slices of CHUNK events, so that the machine's drift (its speed
+            # changes over seconds here) hits every variant alike.
+            runs = {
+                name: await claimed_run(coord, f"{name}-{rep}") for name in rates if name != "raw"
+            }
+            elapsed = dict.fromkeys(rates, 0.0)
+            for chunk in range(n // CHUNK):
+                raw_key = f"{tag}:raw:{rep}"
+                elapsed["raw"] += await raw_loop(
+                    coord, raw_key, "r" * 32, data, CHUNK, chunk * CHUNK + 1
+                )
+                elapsed["emit"] += await emit_loop(runs["emit"], event, CHUNK)
+                for size in BATCHES:
+                    elapsed[f"batch{size}"] += await emit_many_loop(
+                        runs[f"batch{size}"], event, CHUNK, size
+                    )
+            for name, seconds in elapsed.items():
+                rates[name].append((n // CHUNK) * CHUNK / seconds)
+            for run in runs.values():
                 await end_run(coord, run)
     return {"events_per_rep": n, "event_bytes": len(data), "rates": rates}
 
@@ -113,7 +125,8 @@ def run() -> list[Section]:
         "1. Emit, one run, sequential awaits",
         f"{data['events_per_rep']} Token events of {data['event_bytes']} bytes per repetition, "
         f"median of {reps()}; baseline: raw redis-py `XADD MAXLEN ~ 1000` of the same fields "
-        f"(run, seq, type, data) on the same asyncio client; server {version}.",
+        f"(run, seq, type, data) on the same asyncio client; server {version}. The variants "
+        f"take turns every {CHUNK} events, so that the machine's drift hits them alike.",
         data=data,
     )
     single.rows.append(
