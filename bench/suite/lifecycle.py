@@ -6,7 +6,10 @@ run has its own session. The others (:mod:`suite.compare`, run in ``bench/.venv`
 no-op job and wait until its result is seen, two worker processes each, on the same server.
 
 Per repetition: throughput (``JOBS`` runs, ``WINDOW`` in flight) and latency (``LATENCY_JOBS``
-runs one at a time, p50). The table shows medians over the repetitions.
+runs one at a time, p50). The systems are measured in two passes in opposite orders (runstate,
+arq, SAQ, RQ, then RQ, SAQ, arq, runstate), ``reps()`` repetitions each time, so that the
+machine's drift over the minute the benchmark takes favours none of them; the table shows
+medians over both passes.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ async def run_many(coord: Coordinator, sessions: list[str], window: int) -> floa
 
 
 async def measure_runstate(url: str, tag: str, procs: Procs) -> dict[str, Any]:
+    """One pass of runstate: workers started, warmed up, ``reps()`` repetitions, stopped."""
     prefix = f"{tag}-rs"
     cmd = [sys.executable, "-m", "workers", "suite.noop_agent:agent", "--redis-url", url]
     cmd += ["--prefix", prefix, "--concurrency", str(CONCURRENCY), "--log-level", "WARNING"]
@@ -117,10 +121,7 @@ async def measure_runstate(url: str, tag: str, procs: Procs) -> dict[str, Any]:
         "throughput": throughput,
         "latency_p50": p50,
         "latency_p99": p99,
-        "runs_per_s": median(throughput),
-        "p50_ms": median(p50),
-        "p99_ms": median(p99),
-        "execute_p50_ms": percentile(execute, 50),
+        "execute_ms": execute,
     }
 
 
@@ -142,25 +143,52 @@ def measure_other(system: str, python: str, url: str, tag: str, procs: Procs) ->
 
 
 def measure(url: str, tag: str) -> dict[str, Any]:
-    results: dict[str, Any] = {}
+    passes: dict[str, list[dict[str, Any]]] = {}
     errors: dict[str, str] = {}
     took: dict[str, float] = {}
+    python, why = compare_python()
+    order = ("runstate", *SYSTEMS)
     with Procs() as procs:
-        start = time.monotonic()
-        results["runstate"] = asyncio.run(measure_runstate(url, tag, procs))
-        took["runstate"] = time.monotonic() - start
-        python, why = compare_python()
-        for system in SYSTEMS:
-            if python is None:
-                errors[system] = why
-                continue
-            start = time.monotonic()
-            try:
-                results[system] = measure_other(system, python, url, tag, procs)
-            except Exception as exc:  # report it, and go on with the others
-                errors[system] = str(exc).strip().splitlines()[0][:300]
-            took[system] = time.monotonic() - start
+        for number, systems in enumerate((order, order[::-1])):
+            pass_tag = f"{tag}-p{number}"  # fresh sessions and queues for each pass
+            for system in systems:
+                if system in errors:
+                    continue
+                start = time.monotonic()
+                if system == "runstate":
+                    part = asyncio.run(measure_runstate(url, pass_tag, procs))
+                elif python is None:
+                    errors[system] = why
+                    continue
+                else:
+                    try:
+                        part = measure_other(system, python, url, pass_tag, procs)
+                    except Exception as exc:  # report it, and go on with the others
+                        errors[system] = str(exc).strip().splitlines()[0][:300]
+                        continue
+                took[system] = took.get(system, 0.0) + time.monotonic() - start
+                passes.setdefault(system, []).append(part)
+    results = {system: pooled(system, parts) for system, parts in passes.items()}
     return {"results": results, "errors": errors, "took": took}
+
+
+def pooled(system: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The repetitions of both passes of one system, and their medians."""
+    throughput = [x for part in parts for x in part["throughput"]]
+    p50 = [x for part in parts for x in part["latency_p50"]]
+    p99 = [x for part in parts for x in part["latency_p99"]]
+    result = {
+        "system": system,
+        "throughput": throughput,
+        "latency_p50": p50,
+        "latency_p99": p99,
+        "runs_per_s": median(throughput),
+        "p50_ms": median(p50),
+        "p99_ms": median(p99),
+    }
+    if system == "runstate":
+        result["execute_p50_ms"] = percentile([x for p in parts for x in p["execute_ms"]], 50)
+    return result
 
 
 def run() -> list[Section]:
@@ -176,7 +204,8 @@ def run() -> list[Section]:
         f"{WORKERS} worker processes per system ({CONCURRENCY} jobs at once each; RQ's "
         f"SimpleWorker does one), all on the same server. Throughput: {scaled(JOBS, 20)} runs "
         f"with {WINDOW} in flight; latency: {scaled(LATENCY_JOBS, 10)} runs one at a time; "
-        f"median of {reps()}. arq is tuned to poll every 2 ms (queue and result; its default is "
+        f"two passes of {reps()} in opposite orders (runstate first, then last), median of all "
+        f"{2 * reps()}. arq is tuned to poll every 2 ms (queue and result; its default is "
         "500 ms); SAQ waits through pub/sub, RQ through a blocking XREAD.",
         data=data,
     )
@@ -236,7 +265,7 @@ def run() -> list[Section]:
     )
     section.notes.append(f"Throughput range over the repetitions (runs/s): {spread}.")
     section.notes.append(
-        "Wall time per system, worker start and stop included: "
+        "Wall time per system (both passes), worker start and stop included: "
         + ", ".join(f"{name} {secs:.1f} s" for name, secs in data["took"].items())
         + "."
     )
