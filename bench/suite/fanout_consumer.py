@@ -79,7 +79,10 @@ async def consume(args: argparse.Namespace) -> dict[str, Any]:
                 for item in tokens:
                     times[item.seq] = int(item.event.content)
                 last_sent[run] = last.seq
-            received.setdefault(run, array("q")).extend((now, first.seq, len(tokens)))
+            notes = received.get(run)
+            if notes is None:  # (not setdefault: that would make an array per call)
+                notes = received[run] = array("q")
+            notes.extend((now, first.seq, len(tokens)))
 
         async def subscriber() -> None:
             if args.batches:  # one receive time per batch: when the application gets it
