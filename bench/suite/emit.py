@@ -97,8 +97,8 @@ async def measure(url: str, tag: str) -> dict[str, Any]:
                 name: await claimed_run(coord, f"{name}-{rep}") for name in rates if name != "raw"
             }
             elapsed = dict.fromkeys(rates, 0.0)
+            raw_key = f"{tag}:raw:{rep}"
             for chunk in range(n // CHUNK):
-                raw_key = f"{tag}:raw:{rep}"
                 elapsed["raw"] += await raw_loop(
                     coord, raw_key, "r" * 32, data, CHUNK, chunk * CHUNK + 1
                 )
