@@ -42,8 +42,10 @@ CATCH_UP_PAGE = 500
 # Subscriber-side reads (snapshots, catch-up pages) in flight at once per process: a burst of
 # new or lagging subscribers must not take one pooled connection each.
 MAX_CONCURRENT_READS = 8
-# How long the reader waits between handing out events and reading again (see Hub._linger).
-LINGER_FROM = 20
+# How long the reader waits between handing out events and reading again (see Hub._linger):
+# 5 µs per subscriber woken, once that makes at least a millisecond (the event loop's timers
+# wait whole milliseconds: a shorter pause would last one anyway).
+LINGER_FROM = 200
 LINGER_PER_SUBSCRIBER = 5e-6
 LINGER_MAX = 0.010
 # The wake-up stream outlives its process by at most this long (every wake-up renews it).
@@ -304,7 +306,8 @@ class Hub:
         ``LINGER_FROM`` subscribers or more, the next read is put off a little (5 µs per
         subscriber, at most 10 ms) to bring what arrived meanwhile as one batch each, instead
         of one event per read while a backlog grows behind it. With fewer, the reader reads
-        again at once: the fastest delivery.
+        again at once: the fastest delivery. (Not below 200: asyncio's selector waits whole
+        milliseconds, so the 0.5 ms pause of 100 subscribers cost up to a millisecond per read.)
         """
         await asyncio.sleep(min(LINGER_MAX, LINGER_PER_SUBSCRIBER * woken))
 
