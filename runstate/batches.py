@@ -95,7 +95,7 @@ class Watch:
         log = self.log
         if not log:
             return
-        oldest = min((s.position for s in self.subs), default=self.base + len(log))
+        oldest = min((s.position for s in self.subs), default=self.end)
         floor = self.total - self.limit
         while log and (self.base < oldest or log[0].end - len(log[0].events) < floor):
             log.popleft()

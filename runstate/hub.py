@@ -45,8 +45,8 @@ MAX_CONCURRENT_READS = 8
 # How long the reader waits between handing out events and reading again (see Hub._linger):
 # 5 µs per subscriber woken, once that makes at least a millisecond (the event loop's timers
 # wait whole milliseconds: a shorter pause would last one anyway).
-LINGER_FROM = 200
 LINGER_PER_SUBSCRIBER = 5e-6
+LINGER_FROM = round(0.001 / LINGER_PER_SUBSCRIBER)  # subscribers woken: 200
 LINGER_MAX = 0.010
 # The wake-up stream outlives its process by at most this long (every wake-up renews it).
 WAKE_TTL_MS = 60_000
