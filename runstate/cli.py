@@ -10,7 +10,6 @@ refusing access (a wrong password, an ACL).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import os
@@ -22,7 +21,8 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from .config import ENV_CLUSTER, load_settings
+from . import eventloop
+from .config import ENV_CLUSTER, ENV_EVENT_LOOP, EVENT_LOOPS, Settings, load_settings
 from .coordinator import Coordinator
 from .embedded import redis_url_or_embedded
 from .errors import RedisUnavailable, RunstateError
@@ -211,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"the URL names a node of a Redis Cluster (same as {ENV_CLUSTER}=1)",
     )
+    parser.add_argument(
+        "--loop",
+        choices=EVENT_LOOPS,
+        help=f"event loop (default: ${ENV_EVENT_LOOP}, else auto: uvloop when installed)",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     # --json is also accepted after the command (`runstate ls --json`)
     common = argparse.ArgumentParser(add_help=False)
@@ -311,7 +316,7 @@ async def _ping(url: str, prefix: str) -> None:
         await coord.store.retry.call("ping", coord.client.ping)
 
 
-def cmd_serve(args: argparse.Namespace, redis_url: str | None, prefix: str) -> int:
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     """Run the HTTP API under uvicorn until SIGINT/SIGTERM."""
     try:
         import uvicorn
@@ -324,11 +329,12 @@ def cmd_serve(args: argparse.Namespace, redis_url: str | None, prefix: str) -> i
             file=sys.stderr,
         )
         return EXIT_USAGE
+    redis_url, prefix, loop = settings.redis_url, settings.prefix, settings.event_loop
     validate_prefix(prefix)
     with redis_url_or_embedded(redis_url) as url:
         if not redis_url:
             print(f"runstate: started an embedded Redis-compatible server at {url}", flush=True)
-        asyncio.run(_ping(url, prefix))
+        eventloop.run(_ping(url, prefix), loop)
         app = create_app(redis_url=url, prefix=prefix, keepalive=args.keepalive)
         config = uvicorn.Config(
             app,
@@ -336,6 +342,7 @@ def cmd_serve(args: argparse.Namespace, redis_url: str | None, prefix: str) -> i
             port=args.port,
             log_level=args.log_level,
             lifespan="on",
+            loop=eventloop.resolve(loop),
             # Event streams never end by themselves: without a bound, shutdown waits for
             # every client to leave. Clients resume elsewhere with Last-Event-ID.
             timeout_graceful_shutdown=math.ceil(args.shutdown_timeout),
@@ -381,26 +388,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cluster:  # the environment carries it to every Coordinator this process makes
         os.environ[ENV_CLUSTER] = "1"
+    if args.loop:  # and the loop to the demo's worker processes
+        os.environ[ENV_EVENT_LOOP] = args.loop
     try:
-        settings = load_settings(args.redis_url, args.prefix)
+        settings = load_settings(args.redis_url, args.prefix, event_loop=args.loop)
+        loop = settings.event_loop
         if args.command == "demo":
             from .demo import run_local_demo, run_worker_demo
 
             with redis_url_or_embedded(settings.redis_url) as url:
                 if args.local:
-                    asyncio.run(run_local_demo(url, settings.prefix))
+                    eventloop.run(run_local_demo(url, settings.prefix), loop)
                     return EXIT_OK
-                return asyncio.run(run_worker_demo(url, settings.prefix))
+                return eventloop.run(run_worker_demo(url, settings.prefix), loop)
         if args.command == "serve":
-            return cmd_serve(args, settings.redis_url, settings.prefix)
+            return cmd_serve(args, settings)
         if not settings.redis_url:
             print(
                 "runstate: no Redis URL: pass --redis-url or set RUNSTATE_REDIS_URL",
                 file=sys.stderr,
             )
             return EXIT_USAGE
-        return asyncio.run(
-            _run_ops(COMMANDS[args.command], args, settings.redis_url, settings.prefix)
+        return eventloop.run(
+            _run_ops(COMMANDS[args.command], args, settings.redis_url, settings.prefix), loop
         )
     except RedisUnavailable as exc:
         print(f"runstate: {exc}", file=sys.stderr)

@@ -17,8 +17,10 @@ from .keys import DEFAULT_PREFIX
 __all__ = [
     "DEFAULT_PREFIX",
     "ENV_CLUSTER",
+    "ENV_EVENT_LOOP",
     "ENV_PREFIX",
     "ENV_URL",
+    "EVENT_LOOPS",
     "Settings",
     "load_settings",
 ]
@@ -33,6 +35,12 @@ ENV_PREFIX = "RUNSTATE_PREFIX"
 ENV_CLUSTER = "RUNSTATE_REDIS_CLUSTER"
 """Environment variable: ``1`` / ``true`` / ``yes`` when the URL names a node of a Redis Cluster."""
 
+ENV_EVENT_LOOP = "RUNSTATE_EVENT_LOOP"
+"""Environment variable: the event loop runstate's own processes run on (see
+:mod:`runstate.eventloop`): ``auto`` (uvloop when it is installed), ``uvloop`` or ``asyncio``."""
+
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
@@ -46,11 +54,13 @@ class Settings:
             configured (callers may then start an embedded server).
         prefix: Namespace prefix for all keys.
         cluster: whether the server is a Redis Cluster (reached through the cluster client).
+        event_loop: the event loop of runstate's own processes, one of :data:`EVENT_LOOPS`.
     """
 
     redis_url: str | None
     prefix: str
     cluster: bool = False
+    event_loop: str = "auto"
 
 
 def _env(name: str, environ: Mapping[str, str]) -> str | None:
@@ -60,7 +70,10 @@ def _env(name: str, environ: Mapping[str, str]) -> str | None:
 
 
 def load_settings(
-    redis_url: str | None = None, prefix: str | None = None, cluster: bool | None = None
+    redis_url: str | None = None,
+    prefix: str | None = None,
+    cluster: bool | None = None,
+    event_loop: str | None = None,
 ) -> Settings:
     """Resolve settings from arguments, then the environment, then defaults.
 
@@ -68,13 +81,15 @@ def load_settings(
         redis_url: Explicit Redis URL; overrides ``RUNSTATE_REDIS_URL``.
         prefix: Explicit key prefix; overrides ``RUNSTATE_PREFIX``.
         cluster: Explicit cluster mode; overrides ``RUNSTATE_REDIS_CLUSTER``.
+        event_loop: Explicit event loop; overrides ``RUNSTATE_EVENT_LOOP``.
 
     Returns:
         The resolved :class:`Settings`. ``redis_url`` is ``None`` when neither
         the argument nor the environment provides one.
 
     Raises:
-        ValueError: ``RUNSTATE_REDIS_CLUSTER`` is set to something that is not a yes or a no.
+        ValueError: ``RUNSTATE_REDIS_CLUSTER`` is set to something that is not a yes or a no,
+            or the event loop is not one of :data:`EVENT_LOOPS`.
     """
     environ = os.environ
     url = redis_url if redis_url is not None else _env(ENV_URL, environ)
@@ -86,8 +101,17 @@ def load_settings(
                 f"{ENV_CLUSTER} must be 1/true/yes or 0/false/no, got {environ[ENV_CLUSTER]!r}"
             )
         cluster = flag in _TRUE
+    loop = event_loop if event_loop is not None else _env(ENV_EVENT_LOOP, environ)
+    if loop is None:
+        loop = "auto"
+    elif loop.strip().lower() in EVENT_LOOPS:
+        loop = loop.strip().lower()
+    else:
+        source = "event_loop" if event_loop is not None else ENV_EVENT_LOOP
+        raise ValueError(f"{source} must be one of {', '.join(EVENT_LOOPS)}, got {loop!r}")
     return Settings(
         redis_url=url,
         prefix=resolved_prefix if resolved_prefix is not None else DEFAULT_PREFIX,
         cluster=cluster,
+        event_loop=loop,
     )

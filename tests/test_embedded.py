@@ -17,6 +17,7 @@ import redis
 from runstate.config import (
     DEFAULT_PREFIX,
     ENV_CLUSTER,
+    ENV_EVENT_LOOP,
     ENV_PREFIX,
     ENV_URL,
     Settings,
@@ -32,6 +33,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     monkeypatch.delenv(ENV_URL, raising=False)
     monkeypatch.delenv(ENV_PREFIX, raising=False)
     monkeypatch.delenv(ENV_CLUSTER, raising=False)
+    monkeypatch.delenv(ENV_EVENT_LOOP, raising=False)
     return monkeypatch
 
 
@@ -75,6 +77,33 @@ def test_settings_bad_cluster_flag_names_the_value(clean_env: pytest.MonkeyPatch
     clean_env.setenv(ENV_CLUSTER, "maybe")
     with pytest.raises(ValueError, match=f"{ENV_CLUSTER}.*'maybe'"):
         load_settings()
+
+
+def test_settings_event_loop(clean_env: pytest.MonkeyPatch) -> None:
+    assert load_settings().event_loop == "auto"
+    clean_env.setenv(ENV_EVENT_LOOP, " AsyncIO ")
+    assert load_settings().event_loop == "asyncio"
+    assert load_settings(event_loop="uvloop").event_loop == "uvloop"  # the argument wins
+    clean_env.setenv(ENV_EVENT_LOOP, "")
+    assert load_settings().event_loop == "auto"
+
+
+def test_settings_bad_event_loop_names_the_value(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv(ENV_EVENT_LOOP, "trio")
+    with pytest.raises(ValueError, match=f"{ENV_EVENT_LOOP} must be one of .*'trio'"):
+        load_settings()
+    with pytest.raises(ValueError, match=r"event_loop must be one of .*'gevent'"):
+        load_settings(event_loop="gevent")
+
+
+def test_bad_event_loop_is_a_usage_error_in_both_commands() -> None:
+    env = {**os.environ, ENV_EVENT_LOOP: "trio", ENV_URL: "redis://127.0.0.1:1/0"}
+    for cmd in (["-m", "runstate.cli", "ls"], ["-m", "workers", "tests.agents.basic:agent"]):
+        done = subprocess.run(
+            [sys.executable, *cmd], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 2, done.stderr
+        assert f"{ENV_EVENT_LOOP} must be one of auto, uvloop, asyncio, got 'trio'" in done.stderr
 
 
 def test_bad_cluster_flag_is_a_usage_error_in_both_commands(tmp_path: Path) -> None:

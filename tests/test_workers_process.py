@@ -66,6 +66,8 @@ def test_bad_app_paths_and_options_exit_2_naming_them() -> None:
     }
     runs["--concurrency 0"] = [sys.executable, "-m", "workers", APP, "--concurrency", "0"]
     cases["--concurrency 0"] = "argument --concurrency: must be >= 1, got '0'"
+    runs["--loop trio"] = [sys.executable, "-m", "workers", APP, "--loop", "trio"]
+    cases["--loop trio"] = "argument --loop: invalid choice: 'trio'"
     procs = {
         name: subprocess.Popen(cmd, cwd=ROOT, env=worker_env(), stderr=subprocess.PIPE)
         for name, cmd in runs.items()
@@ -76,12 +78,14 @@ def test_bad_app_paths_and_options_exit_2_naming_them() -> None:
         assert cases[name] in err.decode()
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 async def test_a_cancel_reaches_a_run_in_another_process(
-    rcoord: Coordinator, start_process: StartProcess, tmp_path: Path
+    rcoord: Coordinator, start_process: StartProcess, tmp_path: Path, loop: str
 ) -> None:
-    # Given a worker process running a long run
-    worker = start_process("w1")
+    # Given a worker process running a long run, on either event loop
+    worker = start_process("w1", "--loop", loop)
     await registered(rcoord, worker)
+    assert f"event loop: {loop}" in worker.output()
     payload = {"steps": 2000, "delay": 0.01, "record_dir": str(tmp_path)}
     res = await rcoord.execute("s1", payload)
     await wait_status(rcoord, "s1", "running")
@@ -190,12 +194,13 @@ async def test_sigterm_drains_and_exits_0(rcoord: Coordinator, start_process: St
     assert "stopping (received SIGTERM)" in w.output()
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 async def test_a_first_signal_of_either_kind_drains(
-    rcoord: Coordinator, start_process: StartProcess, sig: signal.Signals
+    rcoord: Coordinator, start_process: StartProcess, sig: signal.Signals, loop: str
 ) -> None:
-    # Given a worker with a run in flight
-    w = start_process("w-sig", "--shutdown-grace", "20")
+    # Given a worker with a run in flight (on either event loop)
+    w = start_process("w-sig", "--shutdown-grace", "20", "--loop", loop)
     await registered(rcoord, w)
     await rcoord.execute("sig-1", {"steps": 10, "delay": 0.05})
     await wait_status(rcoord, "sig-1", "running")

@@ -24,8 +24,15 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
-from runstate import Coordinator
-from runstate.config import ENV_CLUSTER, ENV_PREFIX, ENV_URL, load_settings
+from runstate import Coordinator, eventloop
+from runstate.config import (
+    ENV_CLUSTER,
+    ENV_EVENT_LOOP,
+    ENV_PREFIX,
+    ENV_URL,
+    EVENT_LOOPS,
+    load_settings,
+)
 from runstate.embedded import redis_url_or_embedded
 
 from .context import Agent
@@ -108,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"the URL names a node of a Redis Cluster (same as {ENV_CLUSTER}=1)",
     )
+    p.add_argument(
+        "--loop",
+        choices=EVENT_LOOPS,
+        help=f"event loop (default: ${ENV_EVENT_LOOP}, else auto: uvloop when installed)",
+    )
     p.add_argument("--concurrency", type=COUNT, default=10, help="runs at once (default 10)")
     p.add_argument("--worker-id", help="this worker's id (default <host>-<pid>-<random>)")
     p.add_argument("--heartbeat-interval", type=SECONDS, default=5.0, metavar="S")
@@ -164,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cluster:  # the environment carries it to every Coordinator this process makes
         os.environ[ENV_CLUSTER] = "1"
     try:
-        settings = load_settings(args.redis_url, args.prefix)
+        settings = load_settings(args.redis_url, args.prefix, event_loop=args.loop)
+        loop = eventloop.resolve(settings.event_loop)
     except ValueError as exc:
         print(f"python -m workers: error: {exc}", file=sys.stderr)
         return 2
@@ -173,7 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not settings.redis_url:
             log.info("no Redis URL given: using an embedded server at %s", url)
         try:
-            return asyncio.run(_serve(url, settings.prefix, agent, args, stack.close))
+            log.info("event loop: %s", loop)
+            return eventloop.run(_serve(url, settings.prefix, agent, args, stack.close), loop)
         except Exception as exc:
             log.error("worker failed: %s", exc, exc_info=args.log_level == "DEBUG")
             return 1
