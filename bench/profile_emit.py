@@ -8,7 +8,6 @@ if set, else a private embedded server (stopped afterwards).
 
 from __future__ import annotations
 
-import asyncio
 import cProfile
 import io
 import pstats
@@ -17,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from suite.common import new_tag, redis_server
+from suite.common import new_tag, redis_server, run_async
 from suite.emit import EVENT_BYTES, claimed_run, emit_loop, end_run, token_of_size
 
 from runstate import Coordinator
@@ -52,7 +51,7 @@ def main() -> int:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
     tag = new_tag()
     with redis_server(tag) as url:
-        stats, elapsed = asyncio.run(profile(url, tag, n))
+        stats, elapsed = run_async(profile(url, tag, n))
     print(
         f"{n} emits of a {EVENT_BYTES}-byte Token in {elapsed:.2f}s under cProfile "
         f"({elapsed / n * 1e6:.0f} µs per emit with the profiler's overhead)\n"

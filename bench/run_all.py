@@ -29,6 +29,7 @@ from suite.common import (
     BENCH_DIR,
     Section,
     compare_python,
+    event_loop,
     reps,
     server_version,
 )
@@ -48,11 +49,17 @@ def environment() -> list[str]:
         with EmbeddedServer() as srv:
             server = f"{server_version(srv.url)} (a private embedded server per benchmark)"
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    loop = event_loop()
+    if loop == "uvloop":
+        import uvloop
+
+        loop = f"uvloop {uvloop.__version__}"
     return [
         f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
         f"load average at start {load}",
         f"- Python {platform.python_version()}, redis-py {redis.__version__}, server {server}",
+        f"- event loop of every process (BENCH_LOOP): {loop}",
         f"- repetitions: {reps()} (median reported), scale {os.environ.get('BENCH_SCALE', '1')}",
     ]
 

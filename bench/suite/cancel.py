@@ -36,6 +36,7 @@ from .common import (
     ratio,
     redis_server,
     reps,
+    run_async,
     scaled,
 )
 
@@ -188,7 +189,7 @@ def pubsub_rows(what: str, worker: dict[str, Any], raw: dict[str, Any]) -> list[
 def run() -> list[Section]:
     tag = new_tag()
     with redis_server(tag) as url:
-        data = asyncio.run(measure(url, tag))
+        data = run_async(measure(url, tag))
     raw, pubsub, polled = data["raw"], data["pubsub"], data["polling"]
     waiting = data["waiting"]
     poll_ms = POLL_INTERVAL * 1000

@@ -7,11 +7,12 @@ A plain redis-py pub/sub subscriber in its own process: for every message it not
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 
 from redis.asyncio import Redis
+
+from .common import run_async
 
 
 async def main(url: str, channel: str, key: str) -> None:
@@ -26,4 +27,4 @@ async def main(url: str, channel: str, key: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(*sys.argv[1:4]))
+    run_async(main(*sys.argv[1:4]))

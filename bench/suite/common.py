@@ -8,6 +8,9 @@ Knobs (environment variables):
   reported).
 * ``BENCH_SCALE``: multiplies every event / job / session count (default 1.0; e.g. 0.2 for
   a quick smoke run).
+* ``BENCH_LOOP``: the event loop of every benchmark process, runstate's and its peers' alike:
+  ``auto`` (default: uvloop when installed, as runstate's own processes pick), ``uvloop`` or
+  ``asyncio``.
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -34,6 +37,7 @@ import redis
 BENCH_DIR = Path(__file__).resolve().parents[1]
 ROOT = BENCH_DIR.parent
 COMPARE_VENV = BENCH_DIR / ".venv"
+T = TypeVar("T")
 REQUIREMENTS = BENCH_DIR / "requirements.txt"
 
 
@@ -47,6 +51,21 @@ def reps() -> int:
 def scaled(n: int, minimum: int = 1) -> int:
     """``n`` times ``$BENCH_SCALE`` (at least ``minimum``)."""
     return max(minimum, round(n * float(os.environ.get("BENCH_SCALE", "1"))))
+
+
+def event_loop() -> str:
+    """The event loop every benchmark process runs on (``BENCH_LOOP``), resolved: ``uvloop`` or
+    ``asyncio``. Subprocesses get it resolved in their environment (see :func:`child_env`)."""
+    from runstate.eventloop import resolve
+
+    return resolve(os.environ.get("BENCH_LOOP") or "auto")
+
+
+def run_async(main: Coroutine[Any, Any, T], loop: str | None = None) -> T:
+    """``asyncio.run(main)`` on the benchmark's event loop (or ``loop``)."""
+    from runstate.eventloop import run as run_on
+
+    return run_on(main, loop or event_loop())
 
 
 def new_tag() -> str:
@@ -248,8 +267,10 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int | 
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """The environment of a benchmark subprocess: ``bench/`` importable, no RUNSTATE_* vars."""
+    """The environment of a benchmark subprocess: ``bench/`` importable, no RUNSTATE_* vars but
+    the event loop (``BENCH_LOOP`` resolved, for runstate's workers and the peers alike)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNSTATE_")}
+    env["BENCH_LOOP"] = env["RUNSTATE_EVENT_LOOP"] = event_loop()
     paths = [str(BENCH_DIR), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["PYTHONUNBUFFERED"] = "1"

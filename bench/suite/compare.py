@@ -316,6 +316,15 @@ async def bench(args: argparse.Namespace, procs: list[subprocess.Popen[bytes]]) 
         conn.close()
 
 
+def use_bench_loop() -> None:
+    """Run on the benchmark's event loop, as runstate's side does (``BENCH_LOOP``, resolved by
+    the parent): uvloop's policy makes every loop arq, SAQ and the clients start a uvloop one."""
+    if os.environ.get("BENCH_LOOP") == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("mode", choices=["bench", "worker"])
@@ -331,6 +340,7 @@ def main() -> int:
     p.add_argument("--window", type=int, default=40)
     p.add_argument("--reps", type=int, default=5)
     args = p.parse_args()
+    use_bench_loop()
     if args.mode == "worker":
         run_worker(args.system, args.url, args.tag)
         return 0

@@ -8,7 +8,6 @@ on the very same client (``coord.client``), with the same ~100-byte event JSON.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -25,6 +24,7 @@ from .common import (
     ratio,
     redis_server,
     reps,
+    run_async,
     scaled,
     server_version,
 )
@@ -118,7 +118,7 @@ def run() -> list[Section]:
     tag = new_tag()
     with redis_server(tag) as url:
         version = server_version(url)
-        data = asyncio.run(measure(url, tag))
+        data = run_async(measure(url, tag))
     rates = {k: median(v) for k, v in data["rates"].items()}
     raw = rates["raw"]
     single = Section(

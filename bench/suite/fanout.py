@@ -29,6 +29,7 @@ from .common import (
     Procs,
     Row,
     Section,
+    event_loop,
     fmt_ms,
     fmt_ratio,
     median,
@@ -37,6 +38,7 @@ from .common import (
     ratio,
     redis_server,
     reps,
+    run_async,
     scaled,
     with_query,
 )
@@ -44,16 +46,19 @@ from .emit import claimed_run, end_run
 
 RATE = 1000  # events per second
 SUBSCRIBERS = (1, 100, 1000)
-# (API, subscriber count, seconds per run). `subscribe` hands over one event at a time, which at
-# 1,000 subscribers is 1M handovers/s: more than one Python process does, so the backlog (and
-# the latency) grows for as long as a run lasts; its run there is short to keep the figure a
-# lower bound and the time bounded. `subscribe_batches` hands over what arrived together.
-PHASES = (
-    ("subscribe", 1, 1.0),
-    ("subscribe", 100, 1.0),
-    ("subscribe", 1000, 0.25),
-    ("subscribe_batches", 100, 1.0),
-    ("subscribe_batches", 1000, 1.0),
+# (API, subscriber count, seconds per run, event loop). `subscribe` hands over one event at a
+# time, which at 1,000 subscribers is 1M handovers/s: more than one Python process does, so the
+# backlog (and the latency) grows for as long as a run lasts; its run there is short to keep the
+# figure a lower bound and the time bounded. `subscribe_batches` hands over what arrived
+# together. The event loop is the benchmark's (None: uvloop when installed, as runstate's own
+# processes pick) or, for the last case, asyncio's own: what the subscribers cost without uvloop.
+PHASES: tuple[tuple[str, int, float, str | None], ...] = (
+    ("subscribe", 1, 1.0, None),
+    ("subscribe", 100, 1.0, None),
+    ("subscribe", 1000, 0.25, None),
+    ("subscribe_batches", 100, 1.0, None),
+    ("subscribe_batches", 1000, 1.0, None),
+    ("subscribe_batches", 1000, 1.0, "asyncio"),
 )
 PINGS = 1000
 DRAIN_LIMIT = 60.0  # seconds the producer waits for the subscribers to catch up after a run
@@ -81,8 +86,9 @@ async def phase(
     subs: int,
     runs: int,
     seconds: float,
+    loop: str,
 ) -> dict[str, Any]:
-    label = f"{api}-{subs}"
+    label = f"{api}-{subs}-{loop}"
     session = f"fan-{label}".replace("_", "-")
     name = f"{tag}-sub"
     drained = f"{tag}:drained:{label}"
@@ -110,6 +116,8 @@ async def phase(
             with_query(url, client_name=f"{tag}-control"),
             "--drained",
             drained,
+            "--loop",
+            loop,
             *(["--batches"] if api == "subscribe_batches" else []),
         ],
         stdout_pipe=True,
@@ -168,6 +176,7 @@ async def phase(
     return {
         "api": api,
         "subs": subs,
+        "loop": loop,
         "run_seconds": seconds,
         "p50": median([r["p50"] for r in per_run if r]),
         "p99": median([r["p99"] for r in per_run if r]),
@@ -195,21 +204,26 @@ async def measure(url: str, tag: str) -> dict[str, Any]:
             await coord.client.ping()
         phases = []
         with Procs() as procs:
-            for api, subs, seconds in PHASES:
-                phases.append(await phase(coord, url, tag, procs, api, subs, runs, seconds * scale))
+            for api, subs, seconds, loop in PHASES:
+                loop = loop or event_loop()
+                if any((p["api"], p["subs"], p["loop"]) == (api, subs, loop) for p in phases):
+                    continue  # the benchmark's own loop is asyncio: measured already
+                phases.append(
+                    await phase(coord, url, tag, procs, api, subs, runs, seconds * scale, loop)
+                )
     return {"phases": phases}
 
 
 def run() -> list[Section]:
     tag = new_tag()
     with redis_server(tag) as url:
-        data = asyncio.run(measure(url, tag))
+        data = run_async(measure(url, tag))
     section = Section(
         "3. Fan-out: one producer at 1,000 events/s, subscribers in one other process",
         f"{reps()} runs per case at {RATE} Token events/s, each "
         + " / ".join(f"{p['run_seconds']:g} s" for p in data["phases"])
         + " long for "
-        + " / ".join(f"{p['subs']:,} ({p['api']})" for p in data["phases"])
+        + " / ".join(f"{p['subs']:,} ({p['api']}, {p['loop']})" for p in data["phases"])
         + " (past saturation the latency grows with the run's length: a shorter run keeps the "
         "figure a lower bound and the time bounded); median of the per-run p50 / p99 of receive "
         "time - send time (`subscribe_batches` takes one receive time per batch; the subscriber "
@@ -222,7 +236,7 @@ def run() -> list[Section]:
     )
     for p in data["phases"]:
         subs = p["subs"]
-        who = f"{subs:,} subscriber{'s' if subs > 1 else ''} (`{p['api']}`)"
+        who = f"{subs:,} subscriber{'s' if subs > 1 else ''} (`{p['api']}`, {p['loop']})"
         ping = p["ping_p99"]
         limit, goal = {
             1: (4 * ping, "≤ 4x PING p99"),
@@ -248,7 +262,7 @@ def run() -> list[Section]:
                 fmt_ratio(ratio(p["p50"], p["ping_p50"])),
             )
         )
-    by_subs = {p["subs"]: p for p in data["phases"] if p["api"] == "subscribe"}
+    by_subs = {p["subs"]: p for p in data["phases"] if p["api"] == "subscribe"}  # one loop
     conns = {s: p["connections"] for s, p in by_subs.items()}
     reads = hub.MAX_CONCURRENT_READS
     bound = 1 + reads  # the hub's reader + its concurrent snapshot/catch-up reads
@@ -265,12 +279,12 @@ def run() -> list[Section]:
     for p in data["phases"]:
         per_event_us = p["consumer_cpu_s"] / max(1, p["delivered"]) * 1e6
         section.notes.append(
-            f"{p['subs']:,} subscriber(s), `{p['api']}`: delivered {p['delivered']:,} of "
-            f"{p['expected']:,} token events, gap notices covering {p['gaps']:,} events, max "
-            f"latency {fmt_ms(p['max'])}, producer rate {p['producer_rate']:,.0f}/s, "
-            f"subscriber process CPU {p['consumer_cpu_s']:.2f} s ({per_event_us:.1f} µs per "
-            f"delivered event), connections seen {p['connection_samples']}, catching up after "
-            "each run took "
+            f"{p['subs']:,} subscriber(s), `{p['api']}`, {p['loop']}: delivered "
+            f"{p['delivered']:,} of {p['expected']:,} token events, gap notices covering "
+            f"{p['gaps']:,} events, max latency {fmt_ms(p['max'])}, producer rate "
+            f"{p['producer_rate']:,.0f}/s, subscriber process CPU {p['consumer_cpu_s']:.2f} s "
+            f"({per_event_us:.1f} µs per delivered event), connections seen "
+            f"{p['connection_samples']}, catching up after each run took "
             + "/".join(f"{x:.1f}" for x in p["drain_s"])
             + " s"
             + (

@@ -35,7 +35,7 @@ from redis.asyncio import Redis
 
 from runstate import Coordinator
 
-from .common import percentile
+from .common import percentile, run_async
 
 
 async def consume(args: argparse.Namespace) -> dict[str, Any]:
@@ -170,8 +170,9 @@ def main() -> int:
     p.add_argument("--control-url", required=True)
     p.add_argument("--drained", required=True)
     p.add_argument("--batches", action="store_true", help="use coord.subscribe_batches")
+    p.add_argument("--loop", choices=["uvloop", "asyncio"], help="the event loop")
     args = p.parse_args()
-    result = asyncio.run(consume(args))
+    result = run_async(consume(args), args.loop)
     with open(args.out, "w") as f:
         json.dump(result, f)
     return 0

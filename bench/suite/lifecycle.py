@@ -40,6 +40,7 @@ from .common import (
     ratio,
     redis_server,
     reps,
+    run_async,
     scaled,
 )
 
@@ -156,7 +157,7 @@ def measure(url: str, tag: str) -> dict[str, Any]:
                     continue
                 start = time.monotonic()
                 if system == "runstate":
-                    part = asyncio.run(measure_runstate(url, pass_tag, procs))
+                    part = run_async(measure_runstate(url, pass_tag, procs))
                 elif python is None:
                     errors[system] = why
                     continue

@@ -15,7 +15,6 @@ and after writing many sessions of each kind.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from redis.asyncio import Redis
@@ -33,6 +32,7 @@ from .common import (
     ratio,
     redis_server,
     reps,
+    run_async,
     scaled,
 )
 from .emit import claimed_run
@@ -145,7 +145,7 @@ async def measure(url: str, tag: str) -> dict[str, Any]:
 def run() -> list[Section]:
     tag = new_tag()
     with redis_server(tag) as url:
-        data = asyncio.run(measure(url, tag))
+        data = run_async(measure(url, tag))
     section = Section(
         "6. Memory per session",
         f"`MEMORY USAGE … SAMPLES 0` summed over a session's keys, median of {reps()} sessions; "

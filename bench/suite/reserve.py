@@ -31,6 +31,7 @@ from .common import (
     ratio,
     redis_server,
     reps,
+    run_async,
     scaled,
 )
 
@@ -112,7 +113,7 @@ async def measure(url: str, tag: str) -> dict[str, Any]:
 def run() -> list[Section]:
     tag = new_tag()
     with redis_server(tag) as url:
-        data = asyncio.run(measure(url, tag))
+        data = run_async(measure(url, tag))
     rs, raw = median(data["rates"]["runstate"]), median(data["rates"]["raw"])
     c_rs, c_raw = median(data["contention_ms"]["runstate"]), median(data["contention_ms"]["raw"])
     section = Section(
