@@ -539,6 +539,13 @@ async def test_a_run_end_to_end_over_tls(
         ls = procs.cli("cli-ls", url, prefix, "--json", "ls")
         assert ls.wait(30) == 0, ls.output()
         assert json.loads(ls.output()) == []
+        # And a worker process runs a run over TLS, on uvloop (its default where installed)
+        worker = procs.worker("w-tls-proc", url, prefix)
+        await coord.execute("t3", {"steps": 2})
+        await wait_status(coord, "t3", "completed", "error")
+        state = await coord.runner("t3")
+        assert state is not None and state.status == "completed", worker.output()
+        assert "event loop: uvloop" in worker.output()
 
     # And the server answers no plaintext command at all
     reader, writer = await asyncio.open_connection("127.0.0.1", tls_server.port)
