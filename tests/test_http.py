@@ -323,7 +323,7 @@ async def test_events_of_an_ended_run_replay_then_done(
     assert response.headers["content-type"].startswith("text/event-stream")
     assert response.headers["cache-control"] == "no-cache"
     assert response.headers["x-accel-buffering"] == "no"
-    frames = parse_frames(response.text)
+    frames = [f for f in parse_frames(response.text) if f.comment is None]  # not keepalives
     # And it gets the critical event replayed (no id), the terminal event (its id), [DONE]
     assert [(f.id, f.event) for f in frames[:2]] == [
         (None, "task_list_updated"),
@@ -366,7 +366,8 @@ async def test_a_trimmed_resume_gets_a_gap_frame(
     await coord.client.xtrim(coord.keys.events("e3"), maxlen=2, approximate=False)
     # When a client resumes after the first event
     response = await client.get(f"{API}/sessions/e3/events", headers={"Last-Event-ID": ids[0]})
-    frames = parse_frames(response.text)
+    # (a keepalive comment may come first: this app sends one every 50 ms)
+    frames = [f for f in parse_frames(response.text) if f.comment is None]
     # Then the gap notice is its own frame, with no id, saying how many events it missed
     assert frames[0].event == "gap" and frames[0].id is None
     gap = json.loads(frames[0].data)["event"]
@@ -466,7 +467,7 @@ async def test_a_stream_that_fails_says_why_in_a_frame(
     response = await client.get(f"{API}/sessions/bad1/events?last_event_id=0")
     # Then the stream ends with a stream_error frame that says what is wrong
     assert response.status_code == 200
-    frames = parse_frames(response.text)
+    frames = [f for f in parse_frames(response.text) if f.comment is None]  # not keepalives
     assert [f.event for f in frames] == ["stream_error"]
     assert "bad1" in json.loads(frames[0].data)["error"]
 
