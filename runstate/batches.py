@@ -102,11 +102,13 @@ class Watch:
             self.base += 1
 
     def waiter(self) -> asyncio.Future[None]:
-        """The future a subscriber waits on: done at the next append (or failure)."""
+        """The future a subscriber waits on: done at the next append (or failure), shared with
+        other waiting subscribers of the watch. A subscriber cancelled while awaiting it cancels
+        it for all of them, who then just wait again."""
         group = self.group
         if group is None or group.done() or self.grouped >= WAKE_GROUP:
             if group is not None and group.cancelled():
-                # A subscriber's cancellation cancelled it (see Subscriber.waiter): forget it,
+                # A subscriber's cancellation cancelled it (see above): forget it,
                 # so that disconnects on a quiet stream do not pile up cancelled groups.
                 self.waiting = [g for g in self.waiting if not g.done()]
             group = self.group = asyncio.get_running_loop().create_future()
@@ -154,7 +156,7 @@ class Subscriber:
         self.watch.wake()
 
     def next(self) -> Batch | None:
-        """The next batch, or None when there is none yet (then await :meth:`waiter`).
+        """The next batch, or None when there is none yet (then await ``watch.waiter()``).
 
         Raises:
             Overflow: this subscriber fell further behind than the watch's limit.
@@ -173,9 +175,3 @@ class Subscriber:
         self.position += 1
         self.read = batch.end
         return batch
-
-    def waiter(self) -> asyncio.Future[None]:
-        """A future done at the watch's next append (or failure), shared with other waiting
-        subscribers of the watch: a subscriber cancelled while awaiting it cancels it for all of
-        them, who then just wait again."""
-        return self.watch.waiter()

@@ -229,10 +229,10 @@ async def subscribe_batches(
                             return
                     watch = sub.watch
                     while True:  # live
-                        # The usual cases first, with what sub.next(), sub.waiter() and
-                        # place.take() would do written out (each call saved is a share of
-                        # every wake-up, with a thousand subscribers in a process): nothing new
-                        # yet, or a batch within the limit that goes on from our last event.
+                        # The usual cases first, with what sub.next() and place.take() would
+                        # do written out (each call saved is a share of every wake-up, with a
+                        # thousand subscribers in a process): nothing new yet (wait), or a
+                        # batch within the limit that goes on from our last event.
                         index = sub.position - watch.base
                         if index >= len(watch.log):
                             if sub.error is None:
@@ -267,7 +267,7 @@ async def subscribe_batches(
                         if place.finished():
                             return
                 except Overflow:
-                    backlog = True  # we fell behind our buffer: catch up from Redis ourselves
+                    backlog = True  # we fell too far behind: catch up from Redis ourselves
                 finally:
                     hub.detach(session_id, sub)
         except _Gap:

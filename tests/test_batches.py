@@ -102,12 +102,12 @@ async def test_one_append_wakes_every_waiting_subscriber() -> None:
 
     async def read(sub: Subscriber) -> Batch:
         while (item := sub.next()) is None:
-            await sub.waiter()
+            await sub.watch.waiter()
         return item
 
     readers = [asyncio.create_task(read(sub)) for sub in subs]
     await asyncio.sleep(0)
-    assert all(sub.waiter() is subs[0].waiter() for sub in subs)  # one future for all
+    assert all(sub.watch.waiter() is subs[0].watch.waiter() for sub in subs)  # one future for all
     # When one batch is appended
     appended = batch(1)
     watch.append(appended)
@@ -133,12 +133,12 @@ async def test_a_wake_up_lets_the_loop_run_between_groups_of_subscribers() -> No
 
     async def read(sub: Subscriber) -> None:
         while sub.next() is None:
-            await sub.waiter()
+            await sub.watch.waiter()
         woken.append(1)
 
     readers = [asyncio.create_task(read(sub)) for sub in subs]
     await asyncio.sleep(0)
-    assert len({id(sub.waiter()) for sub in subs}) == 3
+    assert len({id(sub.watch.waiter()) for sub in subs}) == 3
     # When a batch is appended, and something else is scheduled right after
     seen_then: list[int] = []
     watch.append(batch(1))
@@ -170,7 +170,7 @@ async def test_cancelled_groups_do_not_pile_up_on_a_quiet_stream() -> None:
 
     async def wait(sub: Subscriber) -> None:
         while sub.next() is None:
-            waiter = sub.waiter()
+            waiter = sub.watch.waiter()
             try:
                 await waiter
             except asyncio.CancelledError:
