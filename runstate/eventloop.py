@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from .config import EVENT_LOOPS
 
-__all__ = ["loop_factory", "resolve", "run"]
+__all__ = ["resolve", "run"]
 
 T = TypeVar("T")
 
@@ -43,21 +43,17 @@ def resolve(choice: str = "auto") -> str:
     return choice
 
 
-def loop_factory(choice: str = "auto") -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """What ``asyncio.Runner(loop_factory=)`` takes for ``choice`` (None: asyncio's own)."""
-    if resolve(choice) == "uvloop":
-        import uvloop
-
-        return uvloop.new_event_loop
-    return None
-
-
 def run(main: Coroutine[Any, Any, T], choice: str = "auto") -> T:
     """``asyncio.run(main)`` on the loop ``choice`` stands for (see :func:`resolve`)."""
     try:
-        factory = loop_factory(choice)
+        loop = resolve(choice)
     except ValueError:
         main.close()  # never awaited: say so quietly rather than with a warning
         raise
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)
