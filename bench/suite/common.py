@@ -37,8 +37,8 @@ import redis
 BENCH_DIR = Path(__file__).resolve().parents[1]
 ROOT = BENCH_DIR.parent
 COMPARE_VENV = BENCH_DIR / ".venv"
-T = TypeVar("T")
 REQUIREMENTS = BENCH_DIR / "requirements.txt"
+T = TypeVar("T")
 
 
 # ---- knobs ------------------------------------------------------------------------------------
