@@ -269,6 +269,7 @@ class Coordinator:
         await self._hub.aclose()
         if self._watcher is not None:
             await self._watcher.aclose()
+        await self.store.aclose()
         if self._owns_client:
             await self.client.aclose()
 

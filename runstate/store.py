@@ -95,6 +95,11 @@ class Store:
             name: client.register_script(load_lua(name)) for name in SCRIPTS
         }
 
+    async def aclose(self) -> None:
+        """Hand the connections kept for scripts back to the client's pool."""
+        if self._auto is not None:
+            await self._auto.aclose()
+
     def _session_keys(self, session_id: str) -> list[str]:
         keys = self._key_cache.get(session_id)
         if keys is None:

@@ -28,28 +28,23 @@ async def client(request: pytest.FixtureRequest, prefix: str) -> AsyncIterator[A
 
 
 class CountingPipelines:
-    """Counts the pipelines made on a client and the commands each carried."""
+    """Counts the writes on a client's connections and the commands each carried."""
 
-    def __init__(self, client: Any) -> None:
-        self.make = client.pipeline
+    def __init__(self, client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
         self.sizes: list[int] = []
+        cls = client.connection_pool.connection_class
+        pack = cls.pack_commands
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        pipe = self.make(*args, **kwargs)
-        real_execute = pipe.execute
+        def counted(conn: Any, commands: Any) -> Any:
+            commands = list(commands)
+            self.sizes.append(len(commands))
+            return pack(conn, commands)
 
-        async def execute(*a: Any, **kw: Any) -> Any:
-            self.sizes.append(len(pipe.command_stack))
-            return await real_execute(*a, **kw)
-
-        pipe.execute = execute
-        return pipe
+        monkeypatch.setattr(cls, "pack_commands", counted)
 
 
 def counting(client: Any, monkeypatch: pytest.MonkeyPatch) -> CountingPipelines:
-    counter = CountingPipelines(client)
-    monkeypatch.setattr(client, "pipeline", counter)
-    return counter
+    return CountingPipelines(client, monkeypatch)
 
 
 async def test_commands_issued_together_go_as_one_pipeline(
@@ -62,10 +57,10 @@ async def test_commands_issued_together_go_as_one_pipeline(
     replies = await asyncio.gather(
         *(auto.execute_command("INCRBY", f"{prefix}:n{i % 4}", i) for i in range(20))
     )
-    # Then the first went at once (nothing was in flight), one pipeline carried the other 19,
-    # and each caller got its own reply. The batch kept its order; the first command went on a
-    # connection of its own, so it may reach Redis before or after the batch.
-    assert pipelines.sizes == [19]
+    # Then the first went at once, alone (nothing was in flight), one pipeline carried the
+    # other 19, and each caller got its own reply. The batch kept its order; the first command
+    # went on a connection of its own, so it may reach Redis before or after the batch.
+    assert sorted(pipelines.sizes) == [1, 19]
     for key in range(4):
         mine = [(i, reply) for i, reply in enumerate(replies) if i % 4 == key]
         increments = [i for i, _ in mine]
@@ -76,14 +71,14 @@ async def test_commands_issued_together_go_as_one_pipeline(
         assert first is None or first in (0, sum(increments))  # before or after the batch
 
 
-async def test_a_command_alone_goes_without_a_pipeline(
+async def test_a_command_alone_goes_alone(
     client: Any, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     auto = AutoPipeline(client)
     pipelines = counting(client, monkeypatch)
     assert await auto.execute_command("SET", f"{prefix}:k", "v") is True
     assert await auto.execute_command("GET", f"{prefix}:k") == "v"
-    assert pipelines.sizes == []
+    assert pipelines.sizes == [1, 1]
 
 
 async def test_a_command_alone_is_sent_without_waiting_a_turn(
@@ -92,13 +87,15 @@ async def test_a_command_alone_is_sent_without_waiting_a_turn(
     # A caller awaiting its commands one by one must not pay a loop turn per command
     auto = AutoPipeline(client)
     handed: list[tuple[Any, ...]] = []
-    send = client.execute_command
+    cls = client.connection_pool.connection_class
+    pack = cls.pack_commands
 
-    async def recording(*args: Any, **kwargs: Any) -> Any:
-        handed.append(args)
-        return await send(*args, **kwargs)
+    def recording(conn: Any, commands: Any) -> Any:
+        handed.extend(commands)
+        return pack(conn, commands)
 
-    monkeypatch.setattr(client, "execute_command", recording)
+    assert await auto.execute_command("PING") is True  # a connection is open and kept
+    monkeypatch.setattr(cls, "pack_commands", recording)
     sent = asyncio.ensure_future(auto.execute_command("SET", f"{prefix}:k", "v"))
     await asyncio.sleep(0)  # the task's first step: with nothing in flight, it sends at once
     assert handed == [("SET", f"{prefix}:k", "v")]
@@ -124,19 +121,17 @@ async def test_a_reply_error_goes_to_its_caller_only(client: Any, prefix: str) -
 async def test_a_lost_connection_fails_every_command_of_the_batch(
     client: Any, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given pipelines whose execution loses the connection
-    make = client.pipeline
+    # Given batches whose write loses the connection
+    cls = client.connection_pool.connection_class
 
-    def broken(*args: Any, **kwargs: Any) -> Any:
-        pipe = make(*args, **kwargs)
+    pack = cls.pack_commands
 
-        async def execute(*a: Any, **kw: Any) -> Any:
+    def broken(conn: Any, commands: Any) -> Any:
+        if len(commands) > 1:
             raise rexc.ConnectionError("injected: connection reset")
+        return pack(conn, commands)
 
-        pipe.execute = execute
-        return pipe
-
-    monkeypatch.setattr(client, "pipeline", broken)
+    monkeypatch.setattr(cls, "pack_commands", broken)
     auto = AutoPipeline(client)
     # When four commands go together (the first alone, at once: nothing was in flight)
     results = await asyncio.gather(
@@ -175,7 +170,7 @@ async def test_batches_are_capped(
         *(auto.execute_command("INCR", f"{prefix}:c") for _ in range(20))
     )
     assert sorted(replies) == list(range(1, 21))
-    assert sorted(pipelines.sizes) == [3, 8, 8]  # the first went alone, at once
+    assert sorted(pipelines.sizes) == [1, 3, 8, 8]  # the first went alone, at once
 
 
 async def test_scripts_run_through_it_and_are_loaded_when_missing(client: Any, prefix: str) -> None:
@@ -188,5 +183,100 @@ async def test_scripts_run_through_it_and_are_loaded_when_missing(client: Any, p
         auto.run_script(script, [f"{prefix}:s"], [2]),
         auto.run_script(script, [f"{prefix}:s"], [3]),
     )
-    # Then both ran once (each NOSCRIPT answer loaded it and ran again)
-    assert sorted(replies) == [2, 5]
+    # Then both ran once (each NOSCRIPT answer loaded it and ran again), in either order: the
+    # first went alone on a connection of its own
+    assert sorted(replies) in ([2, 5], [3, 5])
+    assert await client.get(f"{prefix}:s") == "5"
+
+
+async def test_batched_replies_are_parsed_as_the_client_parses_them(
+    client: Any, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given commands whose replies redis-py converts (SET's OK, HGETALL's pairs)
+    await client.hset(f"{prefix}:h", mapping={"a": "1", "b": "2"})
+    auto = AutoPipeline(client)
+    pipelines = counting(client, monkeypatch)
+    # When they go in one batch, behind a command in flight
+    replies = await asyncio.gather(
+        auto.execute_command("INCR", f"{prefix}:first"),
+        auto.execute_command("SET", f"{prefix}:k", "v"),
+        auto.execute_command("HGETALL", f"{prefix}:h"),
+        auto.execute_command("GET", f"{prefix}:k"),
+    )
+    # Then each reply is what the client's own command would have returned
+    assert sorted(pipelines.sizes) == [1, 3]
+    assert replies == [1, True, {"a": "1", "b": "2"}, "v"]
+
+
+async def test_a_batch_cut_off_mid_reply_leaves_no_reply_behind(
+    redis_url: str, prefix: str
+) -> None:
+    # Given a client with a pool of two connections, and a batch whose first reply is slow
+    # (a blocking pop that times out after 0.3 s)
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True, max_connections=2)
+    try:
+        auto = AutoPipeline(client)
+        opener = asyncio.ensure_future(auto.execute_command("INCR", f"{prefix}:open"))
+        leader = asyncio.ensure_future(auto.execute_command("BLPOP", f"{prefix}:empty", 0.3))
+        other = asyncio.ensure_future(auto.execute_command("SET", f"{prefix}:k", "v"))
+        assert await opener == 1
+        await asyncio.sleep(0.05)  # the batch is written; its replies are awaited
+        # When its sender is cancelled while it reads the replies
+        leader.cancel()
+        # Then the other caller gets a retryable error (its command may or may not have run)
+        with pytest.raises(rexc.ConnectionError):
+            await other
+        with pytest.raises(asyncio.CancelledError):
+            await leader
+        # And the connection was not handed back with the replies still on it: every later
+        # command, alone or batched, gets its own reply
+        for _ in range(3):
+            got = await asyncio.gather(
+                auto.execute_command("INCR", f"{prefix}:n"),
+                auto.execute_command("GET", f"{prefix}:open"),
+                auto.execute_command("ECHO", "x"),
+            )
+            assert got[1:] == ["1", "x"]
+        assert await client.get(f"{prefix}:n") == "3"
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize(("pool_size", "kept"), [(64, 4), (32, 2), (16, 1), (4, 1)])
+async def test_it_keeps_a_few_connections_and_returns_the_rest(
+    redis_url: str, prefix: str, pool_size: int, kept: int
+) -> None:
+    # Given an auto-pipeline on a client with a pool of pool_size connections
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True, max_connections=pool_size)
+    try:
+        auto = AutoPipeline(client)
+        # When four exchanges are in flight at once (each a blocking pop that waits 0.1 s)
+        pops = []
+        for i in range(4):
+            pops.append(asyncio.ensure_future(auto.execute_command("BLPOP", f"{prefix}:{i}", 0.1)))
+            await asyncio.sleep(0.01)  # the next one forms a batch of its own
+        assert await asyncio.gather(*pops) == [None] * 4
+        # Then it keeps at most one connection per 16 of the pool (and at most 4) for its next
+        # exchanges, and the others went back to the pool
+        pool = client.connection_pool
+        assert len(pool._in_use_connections) == kept
+        assert len(pool._available_connections) == 4 - kept
+        # And the kept ones serve the next commands
+        assert await auto.execute_command("ECHO", "x") == "x"
+    finally:
+        await client.aclose()
+
+
+async def test_closing_hands_the_kept_connections_back(redis_url: str, prefix: str) -> None:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True, max_connections=64)
+    try:
+        auto = AutoPipeline(client)
+        pool = client.connection_pool
+        echoes = [auto.execute_command("ECHO", str(i)) for i in range(3)]
+        assert await asyncio.gather(*echoes) == ["0", "1", "2"]
+        assert len(pool._in_use_connections) == 2  # the lone first command's, and the batch's
+        await auto.aclose()
+        assert not pool._in_use_connections
+        assert len(pool._available_connections) == 2
+    finally:
+        await client.aclose()

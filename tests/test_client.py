@@ -81,3 +81,23 @@ async def test_a_run_goes_through_a_real_server(redis_url: str) -> None:
             await single.ping()
             assert type(single.connection).__name__ == "HiredisConnection"
         await coord.client.delete(*[k async for k in coord.client.scan_iter("client-test:*")])
+
+
+async def test_a_coordinator_on_a_shared_client_hands_its_connections_back(
+    redis_url: str, prefix: str
+) -> None:
+    # Given a client the application owns, and a coordinator made on it that ran scripts
+    client = connect(redis_url)
+    try:
+        coord = Coordinator(client, prefix=prefix)
+        assert isinstance(await coord.try_reserve("s1"), Reserved)
+        assert await coord.cancel("s1") is True
+        pool = client.connection_pool
+        assert pool._in_use_connections  # kept for its next scripts
+        # When the coordinator is closed
+        await coord.aclose()
+        # Then every connection it held is back in the pool, and the client still works
+        assert not pool._in_use_connections
+        assert await client.ping() is True
+    finally:
+        await client.aclose()
