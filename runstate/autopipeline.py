@@ -136,8 +136,19 @@ class AutoPipeline:
                     results.append(exc)
                     continue
                 callback = callbacks.get(args[0])
-                results.append(reply if callback is None else callback(reply))
+                if callback is not None:
+                    try:
+                        reply = callback(reply)
+                    except Exception as exc:  # that reply was read whole: only its caller's
+                        reply = exc
+                results.append(reply)
             return results
+        except BaseException:
+            # redis-py has closed it if the exchange broke off; if anything else stopped the
+            # reading half way, the replies left must not stay on it either.
+            if conn.is_connected:
+                await conn.disconnect(nowait=True)
+            raise
         finally:
             if len(self._idle) < self._keep:
                 self._idle.append(conn)

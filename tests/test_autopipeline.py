@@ -280,3 +280,30 @@ async def test_closing_hands_the_kept_connections_back(redis_url: str, prefix: s
         assert len(pool._available_connections) == 2
     finally:
         await client.aclose()
+
+
+async def test_a_reply_that_fails_to_parse_fails_its_caller_only(
+    client: Any, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a reply callback that raises, for the first command of a batch of three
+    def broken(reply: Any, **options: Any) -> Any:
+        raise ValueError("injected: unparsable reply")
+
+    monkeypatch.setitem(client.response_callbacks, "ECHO", broken)
+    auto = AutoPipeline(client)
+    opener = asyncio.ensure_future(auto.execute_command("INCR", f"{prefix}:open"))
+    batch = [
+        auto.execute_command("ECHO", "x"),
+        auto.execute_command("SET", f"{prefix}:k", "v"),
+        auto.execute_command("GET", f"{prefix}:k"),
+    ]
+    results = await asyncio.gather(*batch, return_exceptions=True)
+    assert await opener == 1
+    # Then only its caller gets the error, and the next commands get their own replies
+    assert isinstance(results[0], ValueError) and results[1:] == [True, "v"]
+    for _ in range(2):
+        got = await asyncio.gather(
+            auto.execute_command("INCR", f"{prefix}:n"), auto.execute_command("PING")
+        )
+        assert got[1] is True
+    assert await client.get(f"{prefix}:n") == "2"
