@@ -307,3 +307,27 @@ async def test_a_reply_that_fails_to_parse_fails_its_caller_only(
         )
         assert got[1] is True
     assert await client.get(f"{prefix}:n") == "2"
+
+
+async def test_a_kept_connection_the_server_closed_is_opened_again_before_use(
+    redis_url: str, prefix: str
+) -> None:
+    # Given a connection kept from an earlier command, which the server then closed (its idle
+    # timeout, a restart, CLIENT KILL)
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        auto = AutoPipeline(client)
+        assert await auto.execute_command("PING") is True
+        killed = await client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        assert killed >= 1
+        await asyncio.sleep(0.05)  # the close reaches this process
+        # When the next command goes out, alone and then in a batch
+        # Then it is answered, on a connection opened again first, instead of failing once
+        assert await auto.execute_command("PING") is True
+        assert await asyncio.gather(*(auto.execute_command("ECHO", str(i)) for i in range(3))) == [
+            "0",
+            "1",
+            "2",
+        ]
+    finally:
+        await client.aclose()
