@@ -250,10 +250,10 @@ async def test_it_keeps_a_few_connections_and_returns_the_rest(
     client = aioredis.Redis.from_url(redis_url, decode_responses=True, max_connections=pool_size)
     try:
         auto = AutoPipeline(client)
-        # When four exchanges are in flight at once (each a blocking pop that waits 0.1 s)
+        # When four exchanges are in flight at once (each a blocking pop that waits 0.5 s)
         pops = []
         for i in range(4):
-            pops.append(asyncio.ensure_future(auto.execute_command("BLPOP", f"{prefix}:{i}", 0.1)))
+            pops.append(asyncio.ensure_future(auto.execute_command("BLPOP", f"{prefix}:{i}", 0.5)))
             await asyncio.sleep(0.01)  # the next one forms a batch of its own
         assert await asyncio.gather(*pops) == [None] * 4
         # Then it keeps at most one connection per 16 of the pool (and at most 4) for its next
