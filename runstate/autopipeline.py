@@ -123,18 +123,14 @@ class AutoPipeline:
         pool = self._client.connection_pool
         if self._idle:
             conn = self._idle.pop()
-            try:
-                # Something to read with nothing in flight: the server closed it meanwhile (its
-                # idle timeout, a restart). Opened again rather than used and failed (redis-py
-                # 8.1's pool skips this check while maintenance notifications are on "auto").
-                if conn.is_connected and await conn.can_read():
-                    await conn.disconnect()
-            except BaseException:
-                self._idle.append(conn)
-                raise
         else:
             conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
+            # Something to read with nothing in flight: the server closed it meanwhile (its
+            # idle timeout, a restart). Opened again rather than used and failed (redis-py
+            # 8.1's pool skips this check while maintenance notifications are on "auto").
+            if conn.is_connected and await conn.can_read():
+                await conn.disconnect()
             await conn.send_packed_command(conn.pack_commands(commands))
             results: list[Any] = []
             callbacks = self._client.response_callbacks
