@@ -2,11 +2,11 @@
 stream that every local subscriber of it reads at its own pace (:mod:`runstate.hub` reads
 Redis and appends to the logs, :mod:`runstate.subscription` reads them).
 
-Handing a read to a thousand subscribers is one append (with one pass over their places, to
-trim the log) and ten wake-ups of futures shared by a hundred subscribers each, not a thousand
-queue pushes and futures. Each append drops the batches that every subscriber has read, or that
-lie more than ``limit`` events before the end; a subscriber that falls further behind than that
-overflows, and catches up from Redis instead. A subscriber cancelled while it waits cancels its
+Handing a read to a thousand subscribers is one append and ten wake-ups of futures shared by a
+hundred subscribers each, not a thousand queue pushes and futures. Appends drop the batches that
+lie more than ``limit`` events before the end, and, every so many appends, those that every
+subscriber has read; a subscriber that falls further behind than the limit overflows, and
+catches up from Redis instead. A subscriber cancelled while it waits cancels its
 group's future, which wakes the rest of the group for nothing: they wait again.
 """
 
@@ -23,6 +23,10 @@ __all__ = ["Batch", "Overflow", "Subscriber", "Watch"]
 
 # Subscribers woken per turn of the event loop (see Watch.wake).
 WAKE_GROUP = 100
+# Batches the log may hold before an append looks at every subscriber's place to drop those all
+# of them have read (see Watch._trim); then twice what is left, so that the look, which costs a
+# step per subscriber, is paid once per many appends even while a slow reader holds the log.
+SWEEP_FROM = 16
 
 
 class Overflow(Exception):
@@ -62,7 +66,18 @@ class Watch:
         limit: how many events one subscriber may have left unread before it overflows.
     """
 
-    __slots__ = ("base", "cursor", "group", "grouped", "limit", "log", "subs", "total", "waiting")
+    __slots__ = (
+        "base",
+        "cursor",
+        "group",
+        "grouped",
+        "limit",
+        "log",
+        "subs",
+        "sweep_at",
+        "total",
+        "waiting",
+    )
 
     def __init__(self, cursor: str, limit: int) -> None:
         self.cursor = cursor
@@ -71,6 +86,7 @@ class Watch:
         self.log: deque[Batch] = deque()
         self.base = 0  # the position (counted in batches since the watch began) of log[0]
         self.total = 0  # events appended since the watch began
+        self.sweep_at = SWEEP_FROM  # the log's length at which _trim looks at every place
         # The waiting subscribers, in groups of up to WAKE_GROUP sharing one future each.
         self.waiting: list[asyncio.Future[None]] = []
         self.group: asyncio.Future[None] | None = None  # the group new waiters join
@@ -90,16 +106,23 @@ class Watch:
         self.wake()
 
     def _trim(self) -> None:
-        """Drop the batches no subscriber will read: read by all, or beyond ``limit`` events
-        (whoever has not read those has overflowed)."""
+        """Drop the batches no subscriber will read: those beyond ``limit`` events (whoever has
+        not read them has overflowed), and, once the log holds ``sweep_at`` batches, those read
+        by every subscriber. A thousand subscribers' places are looked at once per many appends,
+        not at every one; the batches read by all that the log keeps meanwhile are shared by
+        every subscriber, a few list entries."""
         log = self.log
-        if not log:
-            return
-        oldest = min((s.position for s in self.subs), default=self.end)
         floor = self.total - self.limit
-        while log and (self.base < oldest or log[0].end - len(log[0].events) < floor):
+        while log and log[0].end - len(log[0].events) < floor:
             log.popleft()
             self.base += 1
+        if len(log) < self.sweep_at:
+            return
+        oldest = min((s.position for s in self.subs), default=self.end)
+        while log and self.base < oldest:
+            log.popleft()
+            self.base += 1
+        self.sweep_at = max(SWEEP_FROM, 2 * len(log))
 
     def waiter(self) -> asyncio.Future[None]:
         """The future a subscriber waits on: done at the next append (or failure), shared with

@@ -1,6 +1,7 @@
 """The hub's shared log of batches (runstate.batches): one append serves every subscriber, each
-reads at its own pace, the log holds only what someone still has to read, and a subscriber that
-falls too far behind overflows instead of holding it."""
+reads at its own pace, the log holds what someone still has to read (and, until the next sweep, a
+few batches all have read), and a subscriber that falls too far behind overflows instead of
+holding it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import asyncio
 import pytest
 
 from runstate import RunstateError
-from runstate.batches import Batch, Overflow, Subscriber, Watch
+from runstate.batches import SWEEP_FROM, Batch, Overflow, Subscriber, Watch
 from runstate.events import StreamEvent, Token
 
 
@@ -66,9 +67,42 @@ def test_the_log_keeps_only_batches_someone_still_has_to_read() -> None:
     assert len(watch.log) == 50
     for _ in range(50):
         assert b.next() is not None
-    watch.append(batch(51))
-    # (read by both: everything before the new batch is gone)
-    assert list(watch.log) == [watch.log[-1]] and len(watch.log) == 1
+    # When both keep reading, appends drop what both have read at the next sweep (the log
+    # held 50 unread batches, so that is at 64), and from then on the log stays below
+    # SWEEP_FROM batches
+    lengths = []
+    for n in range(51, 51 + 64 + 5 * SWEEP_FROM):
+        watch.append(batch(n))
+        assert a.next() is watch.log[-1] and b.next() is watch.log[-1]
+        lengths.append(len(watch.log))
+    assert max(lengths) == 63 and lengths.index(1) == 13
+    assert max(lengths[13:]) == SWEEP_FROM - 1
+    assert watch.end - watch.base == len(watch.log)
+
+
+def test_the_log_looks_at_every_place_once_per_many_appends() -> None:
+    # Given 1,000 subscribers that keep up, and one that reads nothing
+    watch = Watch("0-0", limit=100_000)
+    subs = [subscriber(watch) for _ in range(1000)]
+    stalled = subscriber(watch)
+
+    class CountingSet(set[Subscriber]):
+        looks = 0
+
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            CountingSet.looks += 1
+            return super().__iter__()
+
+    watch.subs = CountingSet(watch.subs)
+    # When 2,000 batches are appended, each read at once by the 1,000
+    for n in range(1, 2001):
+        watch.append(batch(n))
+        for sub in subs:
+            sub.next()
+    # Then the stalled one's place was looked at a few times (at 16, 30, 58, ... batches), not
+    # at every append, and the log kept everything it has not read (within the limit)
+    assert CountingSet.looks <= 10
+    assert len(watch.log) == 2000 and stalled.next() is watch.log[0]
 
 
 def test_a_subscriber_beyond_the_limit_overflows_and_the_others_read_on() -> None:
