@@ -49,7 +49,12 @@ async def consume(args: argparse.Namespace) -> dict[str, Any]:
     # tight loop against 0.5-0.6 µs now, next to the 3-4 µs that runstate's own wake-up costs).
     received: dict[str, list[array[int]]] = {}  # run id -> each subscriber's notes
     sent: dict[str, dict[int, int]] = {}  # run id -> seq -> send ns
-    last_sent: dict[str, int] = {}  # run id -> the highest seq in sent
+    # The run whose send times are being noted, and its highest seq noted so far. A run starts
+    # once every subscriber has seen the previous one end, so all tokens in flight are of one
+    # run: a subscriber's first batch of a run starts its notes (and maybe the run's), then one
+    # check per batch (seq > noted) finds the batches nobody has noted yet.
+    noted_run: str | None = None
+    noted = 0
     terminals: dict[str, int] = {}  # run id -> subscribers that saw its terminal event
     gaps = 0
     finished = 0
@@ -72,17 +77,17 @@ async def consume(args: argparse.Namespace) -> dict[str, Any]:
                 gaps += event.missed
             return False
 
-        def note_sent(tokens: Sequence[Any]) -> int:
-            """Note the send times of tokens of one run (the first subscriber to get them
-            does); returns the highest seq noted for the run."""
-            run, last = tokens[0].run_id, tokens[-1].seq
-            known = last_sent.get(run, 0)
-            if last > known:
-                times = sent.setdefault(run, {})
-                for item in tokens:
+        def note_sent(tokens: Sequence[Any]) -> None:
+            """Note the send times of tokens (the first subscriber to get them does)."""
+            nonlocal noted_run, noted
+            run = tokens[0].run_id
+            if run != noted_run:  # runs follow one another: the previous one is over
+                noted_run, noted = run, 0
+            times = sent.setdefault(run, {})
+            for item in tokens:
+                if item.seq > noted:
                     times[item.seq] = int(item.event.content)
-                known = last_sent[run] = last
-            return known
+            noted = max(noted, tokens[-1].seq)
 
         def notes_for(run: str, before: int) -> array[int]:
             """A subscriber's notes for ``run``, starting after seq ``before``."""
@@ -105,7 +110,6 @@ async def consume(args: argparse.Namespace) -> dict[str, Any]:
             # seq, arrived at that time; (0, seq) skips to after seq (no tokens received).
             run: str | None = None
             notes = array("q")
-            known = 0  # the highest seq whose send time is noted (this run)
             if args.batches:  # one receive time per batch: when the application gets it
                 async for batch in coord.subscribe_batches(args.session, follow=True):
                     now = time.time_ns()
@@ -114,20 +118,22 @@ async def consume(args: argparse.Namespace) -> dict[str, Any]:
                     # terminal event): a run starts once every subscriber saw the last end.
                     if batch[0].event.type == "token" and last.event.type == "token":
                         if last.run_id != run:
-                            run, known = last.run_id, 0
+                            run = last.run_id
                             notes = notes_for(run, batch[0].seq - 1)
-                        if last.seq > known:
-                            known = note_sent(batch)
+                            note_sent(batch)
+                        elif last.seq > noted:
+                            note_sent(batch)
                         notes.append(now)
                         notes.append(last.seq)
                         continue
                     for item in batch:
                         if item.event.type == "token":
                             if item.run_id != run:
-                                run, known = item.run_id, 0
+                                run = item.run_id
                                 notes = notes_for(run, item.seq - 1)
-                            if item.seq > known:
-                                known = note_sent((item,))
+                                note_sent((item,))
+                            elif item.seq > noted:
+                                note_sent((item,))
                             notes.append(now)
                             notes.append(item.seq)
                         elif await other(item):
@@ -144,10 +150,11 @@ async def consume(args: argparse.Namespace) -> dict[str, Any]:
                     continue
                 now, seq = time.time_ns(), item.seq
                 if item.run_id != run:
-                    run, known = item.run_id, 0
+                    run = item.run_id
                     notes = notes_for(run, seq - 1)
-                if seq > known:
-                    known = note_sent((item,))
+                    note_sent((item,))
+                elif seq > noted:
+                    note_sent((item,))
                 notes.append(now)
                 notes.append(seq)
 
