@@ -25,10 +25,11 @@ log = logging.getLogger(__name__)
 class CancelToken:
     """The cancellation state of one run (the vocabulary of anyio's ``CancelScope``)."""
 
-    __slots__ = ("_event", "reason")
+    __slots__ = ("_event", "_waiters", "reason")
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
+        self._waiters: list[asyncio.Future[None]] = []
         self.reason: str | None = None
 
     def cancel(self, reason: str = "cancelled") -> None:
@@ -36,6 +37,10 @@ class CancelToken:
         if not self._event.is_set():
             self.reason = reason
             self._event.set()
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     @property
     def cancel_called(self) -> bool:
@@ -44,6 +49,19 @@ class CancelToken:
     async def wait(self) -> None:
         """Return once the token is cancelled."""
         await self._event.wait()
+
+    def waiter(self) -> asyncio.Future[None]:
+        """A future the token completes when it is cancelled (already done if it is), for a
+        waiter that also waits for something else: whoever completes it first wakes its task,
+        in one turn of the event loop (a task awaiting :meth:`wait` alongside takes three).
+        Cancel it, or let it be done, when no longer waiting: the token drops such futures."""
+        future = asyncio.get_running_loop().create_future()
+        if self._event.is_set():
+            future.set_result(None)
+        else:
+            self._waiters = [w for w in self._waiters if not w.done()]
+            self._waiters.append(future)
+        return future
 
 
 class CancelWatcher:

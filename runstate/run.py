@@ -106,16 +106,24 @@ class RunHandle:
             raise
         work = asyncio.ensure_future(awaitable)
         if not work.done():
-            stop = asyncio.ensure_future(self.token.wait())
+            # One future for both ends of the wait, completed by the token (at the cancel) or by
+            # the call's end: the cancel wakes this task in one turn of the event loop.
+            wake = self.token.waiter()
+
+            def ended(_: object) -> None:
+                if not wake.done():
+                    wake.set_result(None)
+
+            work.add_done_callback(ended)
             try:
-                done, _ = await asyncio.wait((work, stop), return_when=asyncio.FIRST_COMPLETED)
+                await wake
             finally:
-                stop.cancel()
+                finished = work.done()
+                wake.cancel()
                 # Cancelled, or our own task is being cancelled: the call must not run on (a
                 # cancel swallowed inside redis-py's connect is sent again).
                 await cancel_and_wait(work)
-                await asyncio.gather(stop, return_exceptions=True)
-            if work not in done:
+            if not finished:
                 raise RunCancelled(self.session_id, self.run_id, self.token.reason or "cancelled")
         return work.result()
 

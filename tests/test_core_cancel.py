@@ -555,3 +555,25 @@ async def test_cancelling_the_waiting_task_cancels_the_call(coord: Coordinator) 
         await within(waiting)
     assert call.interrupted.is_set()
     assert not handle.cancelled  # the run itself was not cancelled
+
+
+async def test_a_cancel_wakes_a_waiting_call_within_a_few_turns_of_the_loop(
+    coord: Coordinator,
+) -> None:
+    # The delivery of a cancel to a run waiting in sleep() is part of its latency: the wait
+    # must not pass through helper tasks, each costing turns of the event loop.
+    handle = await start_run(coord, "s1")
+    waiting = asyncio.create_task(handle.sleep(60))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not waiting.done()
+    handle.token.cancel("stop")
+    turns = 0
+    while not waiting.done():
+        await asyncio.sleep(0)
+        turns += 1
+    with pytest.raises(RunCancelled):
+        waiting.result()
+    # One turn to wake the wait, three to stop the call (it must not run on); a helper task
+    # awaiting the token through asyncio.wait took eight in all.
+    assert turns <= 4
