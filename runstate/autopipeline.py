@@ -108,52 +108,16 @@ class AutoPipeline:
             return await self.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
 
     async def _exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Write ``commands`` in one go and read their replies in order; a reply error is
-        returned in its place, not raised.
-
-        What redis-py's ``execute_command`` and pipeline do, on a connection kept between
-        exchanges, without their bookkeeping (a retry wrapper, metrics hooks, layers of
-        per-command parsing; each caller's own policy retries instead). Taking a connection
-        from the pool and handing it back alone cost ~70 µs of CPU per exchange on the
-        benchmark machine, a third of a three-command exchange. Anything that stops the
-        exchange half way (a lost connection, a timeout, a cancellation) makes redis-py close
-        the connection, so no reply is left on it for the next exchange; a closed connection
-        opens again on its next use.
-        """
+        """:func:`exchange` on a connection kept between exchanges (taken from the client's
+        pool when none is; taking one and handing it back alone cost ~70 µs of CPU per
+        exchange on the benchmark machine, a third of a three-command exchange)."""
         pool = self._client.connection_pool
         if self._idle:
             conn = self._idle.pop()
         else:
             conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            # Something to read with nothing in flight: the server closed it meanwhile (its
-            # idle timeout, a restart). Opened again rather than used and failed (redis-py
-            # 8.1's pool skips this check while maintenance notifications are on "auto").
-            if conn.is_connected and await conn.can_read():
-                await conn.disconnect()
-            await conn.send_packed_command(conn.pack_commands(commands))
-            results: list[Any] = []
-            callbacks = self._client.response_callbacks
-            for args in commands:
-                try:
-                    reply = await conn.read_response()
-                except rexc.ResponseError as exc:
-                    results.append(exc)
-                    continue
-                callback = callbacks.get(args[0])
-                if callback is not None:
-                    try:
-                        reply = callback(reply)
-                    except Exception as exc:  # that reply was read whole: only its caller's
-                        reply = exc
-                results.append(reply)
-            return results
-        except BaseException:
-            # redis-py has closed it if the exchange broke off; if anything else stopped the
-            # reading half way, the replies left must not stay on it either.
-            if conn.is_connected:
-                await conn.disconnect(nowait=True)
-            raise
+            return await exchange(self._client, conn, commands)
         finally:
             if len(self._idle) < self._keep:
                 self._idle.append(conn)
@@ -193,3 +157,44 @@ class AutoPipeline:
                 raise results[0]
             return results[0]
         return None
+
+
+async def exchange(client: Redis, conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Write ``commands`` on ``conn`` (a connection of ``client``'s pool) in one go and read
+    their replies in order; a reply error is returned in its place, not raised.
+
+    What redis-py's ``execute_command`` and pipeline do, without their bookkeeping (a retry
+    wrapper, metrics hooks, layers of per-command parsing; the caller's own policy retries
+    instead). Anything that stops the exchange half way (a lost connection, a timeout, a
+    cancellation) makes redis-py close the connection, so no reply is left on it for the next
+    exchange; a closed connection opens again on its next use.
+    """
+    try:
+        # Something to read with nothing in flight: the server closed it meanwhile (its idle
+        # timeout, a restart). Opened again rather than used and failed (redis-py 8.1's pool
+        # skips this check while maintenance notifications are on "auto").
+        if conn.is_connected and await conn.can_read():
+            await conn.disconnect()
+        await conn.send_packed_command(conn.pack_commands(commands))
+        results: list[Any] = []
+        callbacks = client.response_callbacks
+        for args in commands:
+            try:
+                reply = await conn.read_response()
+            except rexc.ResponseError as exc:
+                results.append(exc)
+                continue
+            callback = callbacks.get(args[0])
+            if callback is not None:
+                try:
+                    reply = callback(reply)
+                except Exception as exc:  # that reply was read whole: only its caller's
+                    reply = exc
+            results.append(reply)
+        return results
+    except BaseException:
+        # redis-py has closed it if the exchange broke off; if anything else stopped the
+        # reading half way, the replies left must not stay on it either.
+        if conn.is_connected:
+            await conn.disconnect(nowait=True)
+        raise

@@ -491,3 +491,38 @@ async def test_junk_in_the_readers_wake_up_key_does_not_stop_it(coord: Coordinat
     got = await asyncio.wait_for(task, 5)
     assert [e.event.type for e in got] == ["complete"]
     assert coord._hub._wake_key != junk or coord.store.cluster  # a cluster's reader polls
+
+
+async def test_the_reader_reads_on_at_once_when_its_connection_is_cut(
+    redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a subscriber, and the process's reader blocked in its XREAD
+    async with Coordinator.from_url(redis_url, prefix=prefix) as coord:
+        run = await start_run(coord)
+        got = asyncio.create_task(collect(coord.subscribe("s1")))
+        await eventually(lambda: coord._hub.subscribers == 1, what="the subscriber attached")
+        await run.emit(Token(content="before"))
+        killer = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+
+            async def reader_id() -> int | None:
+                blocked = [c for c in await killer.client_list() if c.get("cmd") == "xread"]
+                return int(blocked[0]["id"]) if blocked else None
+
+            await eventually(reader_id, what="the reader blocked in XREAD")
+            # When the server cuts that connection (CLIENT KILL, a proxy's timeout)
+            assert await killer.execute_command("CLIENT", "KILL", "ID", await reader_id()) == 1
+            # Then the subscriber still gets what follows, promptly
+            await run.emit(Token(content="after"))
+            await run.complete()
+            events = await asyncio.wait_for(got, 2.0)
+        finally:
+            await killer.aclose()
+    assert [(e.event.type, getattr(e.event, "content", None)) for e in events] == [
+        ("token", "before"),
+        ("token", "after"),
+        ("complete", None),
+    ]
+    # and the reader said so once, reading again at once rather than after a pause
+    lost = [r.getMessage() for r in caplog.records if "event reader lost Redis" in r.message]
+    assert len(lost) == 1 and "retrying in 0.00s" in lost[0], lost
