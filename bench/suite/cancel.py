@@ -2,10 +2,13 @@
 
 A ``python -m workers`` subprocess runs :mod:`suite.cancel_agent`, which loops on
 ``await ctx.checkpoint(); await asyncio.sleep(0.0005)`` and reports ``time.time_ns()`` the moment
-the checkpoint raises. This process executes a run, waits until it runs, waits a random 3-12 ms
-(so that the cancel lands at any phase of the loop), notes ``time.time_ns()`` and calls
-``coord.cancel()``. Two workers: a normal one (pub/sub nudge), and one whose cancel watcher
-never subscribes and polls the markers every 50 ms (:mod:`suite.cancel_agent_nopubsub`).
+the checkpoint raises. On asyncio's own loop that checks about every millisecond (its selector
+waits whole milliseconds); uvloop's timers count whole milliseconds too and round 0.5 ms down
+to none, so there the agent checks without pausing, a busy agent that keeps one CPU to itself.
+This process executes a run, waits until it runs, waits a random 3-12 ms (so that the cancel
+lands at any phase of the loop), notes ``time.time_ns()`` and calls ``coord.cancel()``. Two
+workers: a normal one (pub/sub nudge), and one whose cancel watcher never subscribes and polls
+the markers every 50 ms (:mod:`suite.cancel_agent_nopubsub`).
 
 Baseline: a raw ``PUBLISH`` heard by a plain redis-py subscriber in another process
 (:mod:`suite.cancel_raw`), timed the same way; for the polling worker, the poll interval.
@@ -197,7 +200,9 @@ def run() -> list[Section]:
         "4. Cancel latency: `coord.cancel()` → `checkpoint()` raising in a worker process",
         f"{data['cancels_per_rep']} cancels per repetition, median over {reps()} repetitions "
         "of the per-repetition p50 / p99 (with so few samples, a p99 is about the slowest "
-        "cancel). The agent checks every ~0.5 ms (asyncio rounds that sleep up to 1 ms); "
+        "cancel). The agent loops on `checkpoint()` and `asyncio.sleep(0.0005)`: on uvloop, "
+        "whose timers round that sleep down to none, a busy agent checking without pause (on "
+        "asyncio's loop, about every millisecond); "
         "a second agent waits in `ctx.sleep(3600)`, which the cancel interrupts, so that "
         "row is the delivery alone. "
         "Baseline with pub/sub: raw `PUBLISH` → a plain redis-py subscriber in another "
