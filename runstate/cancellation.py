@@ -25,18 +25,18 @@ log = logging.getLogger(__name__)
 class CancelToken:
     """The cancellation state of one run (the vocabulary of anyio's ``CancelScope``)."""
 
-    __slots__ = ("_event", "_waiters", "reason")
+    __slots__ = ("_called", "_waiters", "reason")
 
     def __init__(self) -> None:
-        self._event = asyncio.Event()
-        self._waiters: list[asyncio.Future[None]] = []
+        self._called = False
+        self._waiters: list[asyncio.Future[None]] = []  # see waiter()
         self.reason: str | None = None
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Ask the run to stop at its next safe point; the first reason given is kept."""
-        if not self._event.is_set():
+        if not self._called:
+            self._called = True
             self.reason = reason
-            self._event.set()
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:
                 if not waiter.done():
@@ -44,11 +44,11 @@ class CancelToken:
 
     @property
     def cancel_called(self) -> bool:
-        return self._event.is_set()
+        return self._called
 
     async def wait(self) -> None:
         """Return once the token is cancelled."""
-        await self._event.wait()
+        await self.waiter()
 
     def waiter(self) -> asyncio.Future[None]:
         """A future the token completes when it is cancelled (already done if it is), for a
@@ -56,7 +56,7 @@ class CancelToken:
         in one turn of the event loop (a task awaiting :meth:`wait` alongside takes three).
         Cancel it, or let it be done, when no longer waiting: the token drops such futures."""
         future = asyncio.get_running_loop().create_future()
-        if self._event.is_set():
+        if self._called:
             future.set_result(None)
         else:
             self._waiters = [w for w in self._waiters if not w.done()]
