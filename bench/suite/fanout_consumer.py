@@ -28,7 +28,7 @@ import resource
 import sys
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -175,7 +175,23 @@ async def consume(args: argparse.Namespace) -> dict[str, Any]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     await control.aclose()
+    return summary(received, sent, cpu0, cpu1, pending, gaps=gaps, finished=finished)
 
+
+def summary(
+    received: dict[str, list[array[int]]],
+    sent: dict[str, dict[int, int]],
+    cpu0: Any,
+    cpu1: Any,
+    pending: Collection[Any],
+    *,
+    gaps: int,
+    finished: int,
+) -> dict[str, Any]:
+    """What the consumer writes to ``--out``: per run id the latencies worked out from the
+    subscribers' notes (``received``: per run, each subscriber's (receive ns, seq) pairs) and
+    the send times (``sent``: per run, seq -> send ns), and the CPU the process used between the
+    ``getrusage`` readings ``cpu0`` and ``cpu1``."""
     runs = {}
     for run_id, by_subscriber in received.items():
         times = sent.get(run_id, {})
@@ -202,7 +218,7 @@ async def consume(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def main() -> int:
+def arguments() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--url", required=True)
     p.add_argument("--prefix", required=True)
@@ -214,7 +230,13 @@ def main() -> int:
     p.add_argument("--drained", required=True)
     p.add_argument("--batches", action="store_true", help="use coord.subscribe_batches")
     p.add_argument("--loop", choices=["uvloop", "asyncio"], help="the event loop")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def serve(consume: Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, Any]]]) -> int:
+    """Run a fan-out consumer (this one or :mod:`suite.fanout_plain`) on its command line's
+    event loop and write its summary to ``--out``."""
+    args = arguments()
     result = run_async(consume(args), args.loop)
     with open(args.out, "w") as f:
         json.dump(result, f)
@@ -222,4 +244,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(serve(consume))
