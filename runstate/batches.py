@@ -38,7 +38,7 @@ class Batch:
     """Consecutive events of one stream, as read together: decoded once and shared by every
     subscriber of the stream, with what each of them checks computed once too."""
 
-    __slots__ = ("contiguous", "end", "events", "first", "last", "terminal")
+    __slots__ = ("contiguous", "end", "events", "first", "follows", "last", "terminal")
 
     def __init__(self, events: Sequence[StreamEvent]) -> None:
         self.events = events
@@ -49,6 +49,9 @@ class Batch:
         self.contiguous = self.last[1] - self.first[1] == len(events) - 1
         self.terminal = next((i for i, e in enumerate(events) if e.event.is_terminal), -1)
         self.end = 0  # in a Watch's log: how many events the log had received through this one
+        # In a Watch's log: whether its events come right after the previous batch's, no hole
+        # and no overlap; then a subscriber that took that one whole takes this one whole.
+        self.follows = False
 
     def after(self, position: tuple[int, int]) -> Batch | None:
         """The events after ``position`` (None if none)."""
@@ -75,6 +78,7 @@ class Watch:
         "log",
         "subs",
         "sweep_at",
+        "tail",
         "total",
         "waiting",
     )
@@ -87,6 +91,7 @@ class Watch:
         self.base = 0  # the position (counted in batches since the watch began) of log[0]
         self.total = 0  # events appended since the watch began
         self.sweep_at = SWEEP_FROM  # the log's length at which _trim looks at every place
+        self.tail: Batch | None = None  # the last batch appended (trimmed or not)
         # The waiting subscribers, in groups of up to WAKE_GROUP sharing one future each.
         self.waiting: list[asyncio.Future[None]] = []
         self.group: asyncio.Future[None] | None = None  # the group new waiters join
@@ -101,6 +106,14 @@ class Watch:
         """Add a batch for every subscriber and wake those waiting."""
         self.total += len(batch.events)
         batch.end = self.total
+        tail = self.tail
+        batch.follows = (
+            tail is not None
+            and batch.contiguous
+            and batch.first[1] == tail.last[1] + 1
+            and batch.first > tail.last
+        )
+        self.tail = batch
         self.log.append(batch)
         self._trim()
         self.wake()
@@ -165,12 +178,11 @@ class Subscriber:
     """One subscriber's place in its watch's log: it overflows (and must catch up from Redis)
     rather than hold the log past ``limit`` unread events."""
 
-    __slots__ = ("error", "position", "read", "start", "watch")
+    __slots__ = ("error", "position", "start", "watch")
 
     def __init__(self, watch: Watch) -> None:
         self.watch = watch
         self.position = watch.end  # the next batch to read
-        self.read = watch.total  # events of the log read (or skipped) so far
         self.start = watch.cursor  # the hub's cursor when this subscriber attached
         self.error: BaseException | None = None
 
@@ -190,11 +202,11 @@ class Subscriber:
             if self.error is not None:
                 raise self.error
             return None
-        if index < 0 or watch.total - self.read > watch.limit:
+        # Every batch the log still holds lies within the limit (each append drops those that
+        # do not, see Watch._trim): the subscriber fell too far behind when its next one is gone.
+        if index < 0:
             if self.error is not None:  # say why it ends, rather than catch up from Redis
                 raise self.error
             raise Overflow
-        batch = watch.log[index]
         self.position += 1
-        self.read = batch.end
-        return batch
+        return watch.log[index]

@@ -74,6 +74,13 @@ class _Place:
         self.cursor = cursor
         self.at = parse_stream_id(cursor)
 
+    def reach(self, batch: Batch) -> None:
+        """Note that every event through ``batch`` was handed out, ``batch`` following on from
+        the last event read."""
+        self.expect = batch.last[1] + 1
+        self.at = batch.last
+        self.cursor = batch.events[-1].id or self.cursor
+
     def take(self, batch: Batch) -> list[StreamEvent]:
         """The events of ``batch`` to hand out: those after the last one read, up to a hole in
         the ordinals (then raises :class:`_Gap` once they are handed out, see ``gap``) or to the
@@ -227,14 +234,17 @@ async def subscribe_batches(
                             yield out
                         if place.finished():
                             return
-                    watch = sub.watch
+                    watch, log = sub.watch, sub.watch.log
+                    # Whether we took the batch before the one at our position whole: then one
+                    # that follows it (Batch.follows) is ours whole too, with nothing to check
+                    # event by event. The last batch so taken, until `place` is told.
+                    synced, taken = False, None
                     while True:  # live
-                        # The usual cases first, with what sub.next() and place.take() would
-                        # do written out (each call saved is a share of every wake-up, with a
-                        # thousand subscribers in a process): nothing new yet (wait), or a
-                        # batch within the limit that goes on from our last event.
+                        # The usual cases first, written out (each call saved is a share of
+                        # every wake-up, with a thousand subscribers in a process): nothing new
+                        # yet (wait), or the batch that follows the one we took whole.
                         index = sub.position - watch.base
-                        if index >= len(watch.log):
+                        if index >= len(log):
                             if sub.error is None:
                                 waiter = watch.waiter()
                                 try:
@@ -243,29 +253,25 @@ async def subscribe_batches(
                                     if not _cancelled_by_another(waiter):
                                         raise
                                 continue
-                        elif index >= 0 and watch.total - sub.read <= watch.limit:
-                            ready = watch.log[index]
-                            if (
-                                ready.first[1] == place.expect
-                                and ready.contiguous
-                                and (follow or ready.terminal < 0)
-                                and ready.first > place.at
-                            ):
+                        elif index >= 0:
+                            ready = log[index]
+                            if synced and ready.follows and (follow or ready.terminal < 0):
                                 sub.position += 1
-                                sub.read = ready.end
-                                place.expect = ready.last[1] + 1
-                                place.at = ready.last
-                                place.cursor = ready.events[-1].id or place.cursor
+                                taken = ready
                                 yield list(ready.events)
                                 continue
                         # The rest: the subscriber's error, an overflow, or a batch to look at
-                        # event by event.
+                        # event by event, from where the batches taken whole got us.
+                        if taken is not None:
+                            place.reach(taken)
+                            taken = None
                         batch = sub.next()
                         assert batch is not None
                         if out := place.take(batch):
                             yield out
                         if place.finished():
                             return
+                        synced = place.at == batch.last
                 except Overflow:
                     backlog = True  # we fell too far behind: catch up from Redis ourselves
                 finally:

@@ -223,3 +223,17 @@ async def test_cancelled_groups_do_not_pile_up_on_a_quiet_stream() -> None:
     assert len(watch.waiting) <= 2
     watch.append(batch(1))
     await asyncio.wait_for(asyncio.gather(*waiting), 1)
+
+
+def test_a_batch_follows_the_last_one_appended_only_when_no_event_is_missing_or_repeated() -> None:
+    # Given a watch
+    watch = Watch("0-0", limit=100)
+    # When batches are appended: a first one, one right after it, one after a hole, one
+    # overlapping the previous, one with a hole inside, then one right after that
+    appended = [batch(1, 3), batch(4, 2), batch(8, 2), batch(9, 3)]
+    holed = Batch([*batch(12).events, *batch(14).events])
+    appended += [holed, batch(15, 2)]
+    for b in appended:
+        watch.append(b)
+    # Then only those that go on exactly from the last one appended (trimmed or not) follow it
+    assert [b.follows for b in appended] == [False, True, False, False, False, True]
