@@ -192,6 +192,7 @@ async def phase(
         "gaps": result["gaps"],
         "timed_out": result["timed_out"],
         "consumer_cpu_s": result["cpu_s"],
+        "batches": result["batches"],
         "connections": max(conns),
         "connection_samples": conns,
         "producer_rate": median(rates),
@@ -302,12 +303,15 @@ def run() -> list[Section]:
     )
     for p in data["phases"]:
         per_event_us = p["consumer_cpu_s"] / max(1, p["delivered"]) * 1e6
+        per_batch_us = p["consumer_cpu_s"] / max(1, p["batches"]) * 1e6
         section.notes.append(
             f"{p['subs']:,} subscriber(s), `{p['api']}`, {p['loop']}: delivered "
             f"{p['delivered']:,} of {p['expected']:,} token events, gap notices covering "
             f"{p['gaps']:,} events, max latency {fmt_ms(p['max'])}, producer rate "
             f"{p['producer_rate']:,.0f}/s, subscriber process CPU {p['consumer_cpu_s']:.2f} s "
-            f"({per_event_us:.1f} µs per delivered event), connections seen "
+            f"({per_event_us:.1f} µs per delivered event; {p['batches']:,} handed over as "
+            f"{'events' if p['api'] == 'subscribe' else 'batches'}, {per_batch_us:.1f} µs each), "
+            "connections seen "
             f"{p['connection_samples']}, catching up after each run took "
             + "/".join(f"{x:.1f}" for x in p["drain_s"])
             + " s"

@@ -214,6 +214,9 @@ def summary(
         "gaps": gaps,
         "finished": finished,
         "timed_out": len(pending),
+        # Handovers noted (a batch, or with `subscribe` an event; skips included): what the
+        # subscriber process's CPU is spent on.
+        "batches": sum(len(notes) // 2 for by in received.values() for notes in by),
         "cpu_s": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
     }
 
