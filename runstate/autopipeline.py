@@ -87,9 +87,7 @@ class AutoPipeline:
             (reply,) = await self._exchange([args])
         finally:
             self._in_flight -= 1
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
+        return reply_of(reply)
 
     def _orphan_done(self, task: asyncio.Task[Any]) -> None:
         self._orphans.discard(task)
@@ -153,10 +151,15 @@ class AutoPipeline:
             else:
                 future.set_result(result)
         if batch[0][1] is None:
-            if isinstance(results[0], Exception):
-                raise results[0]
-            return results[0]
+            return reply_of(results[0])
         return None
+
+
+def reply_of(result: Any) -> Any:
+    """One command's result from :func:`exchange`: its reply, or raised if it is an error."""
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 async def exchange(client: Redis, conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:

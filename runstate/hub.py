@@ -28,7 +28,7 @@ from typing import Any
 from redis import exceptions as rexc
 from redis.crc import key_slot
 
-from .autopipeline import exchange
+from .autopipeline import exchange, reply_of
 from .batches import Batch, Subscriber, Watch
 from .codec import decode_entry, parse_stream_id
 from .errors import RunstateError
@@ -285,9 +285,7 @@ class Hub:
             self._conn = await client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
         command = ("XREAD", "COUNT", self._count, "BLOCK", self._block_ms, "STREAMS")
         (result,) = await exchange(client, self._conn, [(*command, *streams, *streams.values())])
-        if isinstance(result, Exception):
-            raise result
-        return result
+        return reply_of(result)
 
     async def _poll(self, streams: dict[str, str]) -> list[Any]:
         """One round of non-blocking reads on a cluster, one XREAD per slot; when it finds
