@@ -60,6 +60,11 @@ async def start_worker(coord: Coordinator) -> AsyncIterator[StartWorker]:
         yield start
 
 
+async def logged(caplog: pytest.LogCaptureFixture, line: str, limit: float = 10) -> None:
+    """Wait for ``line`` in the log (a worker logs a run's end after writing it)."""
+    await eventually(lambda: asyncio.sleep(0, line in caplog.text), limit=limit, what=repr(line))
+
+
 def records(folder: Path) -> list[dict[str, Any]]:
     return basic.read_records(str(folder)) if folder.exists() else []
 
@@ -78,8 +83,8 @@ async def test_runs_complete_and_are_logged(
         assert state.run_id == res.run_id and state.attempt == 1
         assert await stream_types(coord, sid) == ["execution_started", *["token"] * 3, "complete"]
         assert f"run started: session={sid} run={res.run_id}" in caplog.text
-        assert f"run ended: session={sid} run={res.run_id} attempt=1 outcome=completed" in (
-            caplog.text
+        await logged(
+            caplog, f"run ended: session={sid} run={res.run_id} attempt=1 outcome=completed"
         )
     assert await coord.client.xlen(coord.keys.queue) == 0
     assert await coord.store.active_sessions() == []
@@ -185,12 +190,7 @@ async def test_a_run_whose_attempt_was_taken_over_stops_as_superseded(
     )
     assert outcome == "requeued"
     # Then the old attempt stops long before its 30 s of work, writing nothing more
-    await eventually(
-        lambda: asyncio.sleep(0, caplog.text),
-        lambda text: f"run={res.run_id} attempt=1 outcome=superseded" in text,
-        limit=5,
-        what="attempt 1 to stop",
-    )
+    await logged(caplog, f"run={res.run_id} attempt=1 outcome=superseded", limit=5)
     # And attempt 2 runs in its place
     state = await eventually(
         lambda: coord.runner("s1"),
