@@ -100,10 +100,12 @@ class CancelWatcher:
         if current is not None and current[0] == run_id:
             del self._runs[session_id]
 
-    def _deliver(self, session_id: str, run_id: str, reason: str = "cancelled") -> None:
+    def _deliver(self, session_id: str, run_id: str, reason: str = "cancelled") -> bool:
         current = self._runs.get(session_id)
-        if current is not None and current[0] == run_id:
-            current[1].cancel(reason)
+        if current is None or current[0] != run_id or current[1].cancel_called:
+            return False
+        current[1].cancel(reason)
+        return True
 
     async def poll(self) -> None:
         """Check the cancel markers of every watched run once."""
@@ -143,7 +145,9 @@ class CancelWatcher:
                 wait = 0.05
                 await self.poll()  # whatever was published while we were not listening
                 async for message in pubsub.listen():
-                    self._on_message(message)
+                    if self._on_message(message):
+                        # The run woken goes first; reading on would keep it waiting.
+                        await asyncio.sleep(0)
             except asyncio.CancelledError:
                 raise
             except TRANSIENT_ERRORS as exc:
@@ -162,15 +166,16 @@ class CancelWatcher:
             await asyncio.sleep(wait)
             wait = min(wait * 2, 2.0)
 
-    def _on_message(self, message: dict[str, Any]) -> None:
+    def _on_message(self, message: dict[str, Any]) -> bool:
+        """Deliver a cancel message; True if it cancelled a run of ours."""
         if message.get("type") != "message":
-            return
+            return False
         data = message.get("data")
         ref = parse_run_ref(data)
         if ref is None:
             log.warning("ignoring malformed cancel message %r", data)
-            return
-        self._deliver(*ref)
+            return False
+        return self._deliver(*ref)
 
     async def aclose(self) -> None:
         for task in self._tasks:

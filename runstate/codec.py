@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -23,10 +24,17 @@ __all__ = [
     "decode_entry",
     "encode_events",
     "encode_payload",
+    "new_nonce",
     "pairs",
     "parse_stream_id",
     "utcnow",
 ]
+
+
+def new_nonce() -> str:
+    """128 random bits in hex, as unlikely to repeat as a uuid4's, without its system call (a
+    forked process reseeds the random module)."""
+    return f"{random.getrandbits(128):032x}"
 
 
 def utcnow() -> str:

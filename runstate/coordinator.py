@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from types import TracebackType
@@ -14,6 +13,7 @@ from redis.asyncio import Redis
 
 from .cancellation import CancelWatcher
 from .client import client_option, connect
+from .codec import new_nonce
 from .config import load_settings
 from .errors import RedisUnavailable, RunstateError
 from .events import DEFAULT_MAX_EVENT_BYTES, StreamEvent
@@ -209,7 +209,7 @@ class Coordinator:
         return await self._cancel(session_id, reason, parent="")
 
     async def _cancel(self, session_id: str, reason: str, parent: str) -> bool:
-        outcome = await self.store.cancel(session_id, reason, parent=parent, nonce=uuid.uuid4().hex)
+        outcome = await self.store.cancel(session_id, reason, parent=parent, nonce=new_nonce())
         if not outcome.cancelled or outcome.run_id is None:
             return False
         await self.store.after_cancel(session_id, outcome.run_id)

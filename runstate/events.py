@@ -19,6 +19,7 @@ last tool name and phase).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Annotated, Any, ClassVar, Literal
@@ -370,6 +371,19 @@ def coerce_event(event: AgentEvent | JSONObject) -> AgentEvent:
             f"event type {event.type!r} is written by runstate itself and cannot be emitted"
         )
     return event
+
+
+def dump_cancelled(message: str, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> str:
+    """The JSON of a ``cancelled`` event saying ``message``: made once per reason (a cancel
+    names one of a few, over and over, and every step before it is sent delays the stop)."""
+    if type(message) is str:
+        return _dump_cancelled(message, max_bytes)
+    return dump_event(Cancelled(message=message), max_bytes)  # refused, naming the value
+
+
+@functools.lru_cache(maxsize=64)
+def _dump_cancelled(message: str, max_bytes: int) -> str:
+    return dump_event(Cancelled(message=message), max_bytes)
 
 
 def dump_event(event: AgentEvent, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> str:

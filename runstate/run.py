@@ -109,12 +109,7 @@ class RunHandle:
             # One future for both ends of the wait, completed by the token (at the cancel) or by
             # the call's end: the cancel wakes this task in one turn of the event loop.
             wake = self.token.waiter()
-
-            def ended(_: object) -> None:
-                if not wake.done():
-                    wake.set_result(None)
-
-            work.add_done_callback(ended)
+            work.add_done_callback(lambda _: _wake(wake))
             try:
                 await wake
             finally:
@@ -129,7 +124,18 @@ class RunHandle:
 
     async def sleep(self, seconds: float) -> None:
         """Wait ``seconds``, or raise :class:`RunCancelled` as soon as the run is cancelled."""
-        await self.cancellable(asyncio.sleep(seconds))
+        await self.checkpoint()
+        # One future, completed by a timer or by the cancel: no call to stop, so the cancel
+        # raises in the turn that delivers it (cancellable() also waits for its call to end).
+        wake = self.token.waiter()
+        timer = asyncio.get_running_loop().call_later(seconds, _wake, wake)
+        try:
+            await wake
+        finally:
+            timer.cancel()
+            wake.cancel()
+        if self.token.cancel_called:
+            raise RunCancelled(self.session_id, self.run_id, self.token.reason or "cancelled")
 
     async def emit(self, event: AgentEvent | JSONObject) -> str:
         """Write one event (a model, or a dict with a ``type``); returns its stream id."""
@@ -248,3 +254,8 @@ class RunHandle:
         self._stop_timer()
         self._queued = []
         self.token.cancel("cancelled" if isinstance(exc, RunCancelled) else f"superseded: {exc}")
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

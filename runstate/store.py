@@ -24,9 +24,24 @@ from redis.commands.core import AsyncScript
 
 from .autopipeline import AutoPipeline
 from .client import is_cluster
-from .codec import EncodedEvent, decode_entry, encode_events, encode_payload, pairs, utcnow
+from .codec import (
+    EncodedEvent,
+    decode_entry,
+    encode_events,
+    encode_payload,
+    new_nonce,
+    pairs,
+    utcnow,
+)
 from .errors import RunCancelled, RunstateError, RunSuperseded, StaleRunError
-from .events import DEFAULT_MAX_EVENT_BYTES, AgentEvent, StreamEvent, dump_event, parse_event
+from .events import (
+    DEFAULT_MAX_EVENT_BYTES,
+    AgentEvent,
+    StreamEvent,
+    dump_cancelled,
+    dump_event,
+    parse_event,
+)
 from .keys import QUEUE_GROUP, Keys, run_ref, validate_session_id
 from .models import AlreadyRunning, Reserved, ReserveResult, RunnerState
 from .replies import CancelOutcome, Claimed, Snapshot, junk_tolerant, not_text, wrong_type
@@ -389,9 +404,7 @@ class Store:
         parent: str = "",
         nonce: str | None = None,
     ) -> CancelOutcome:
-        from .events import Cancelled
-
-        data = dump_event(Cancelled(message=message), self.max_event_bytes)
+        data = dump_cancelled(message, self.max_event_bytes)
         res = await self._script(
             "cancel",
             session_id,
@@ -400,7 +413,7 @@ class Store:
                 self.maxlen,
                 self.retention,
                 data,
-                nonce or uuid.uuid4().hex,
+                nonce or new_nonce(),
                 run_id,
                 parent,
                 self.cancel_marker_ttl,

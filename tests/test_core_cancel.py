@@ -6,10 +6,12 @@ Every test that takes ``coord`` or ``redis`` runs against fakeredis and against 
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.client import PubSub
 
@@ -21,6 +23,7 @@ from runstate import (
     RunCancelled,
     StaleRunError,
 )
+from runstate.errors import EventTooLarge
 from runstate.events import TaskListUpdated, Token
 from tests.helpers import claim, data_of, entries, eventually, start_run, stream_types, within
 
@@ -291,6 +294,35 @@ async def test_cancel_token_vocabulary() -> None:
 
 
 # ---- nothing to cancel -----------------------------------------------------------------------
+
+
+async def test_each_cancel_writes_its_own_reason(coord: Coordinator, redis: Redis) -> None:
+    # The event of each reason is made once and reused: the same reason twice, and another
+    for sid, reason in (("a", "user pressed stop"), ("b", "user pressed stop"), ("c", "budget")):
+        await start_run(coord, sid)
+        assert await coord.cancel(sid, reason)
+        [*_, (_, last)] = await entries(redis, coord, sid)
+        assert data_of(last) == {"type": "cancelled", "message": reason}
+
+
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        (42, "input_value=42"),
+        (None, "input_value=None"),
+        (["stop"], "input_value=['stop']"),
+        ("x" * 1_100_000, "over the limit"),
+    ],
+    ids=["int", "none", "list", "too-large"],
+)
+async def test_a_bad_cancel_reason_is_refused_and_changes_nothing(
+    coord: Coordinator, bad: Any, says: str
+) -> None:
+    handle = await start_run(coord, "s1")
+    with pytest.raises((ValidationError, EventTooLarge), match=re.escape(says)):
+        await coord.cancel("s1", bad)
+    assert (await coord.runner("s1")).status == "running"  # type: ignore[union-attr]
+    assert not handle.cancelled
 
 
 async def test_cancel_with_nothing_active_changes_nothing(
@@ -574,6 +606,45 @@ async def test_a_cancel_wakes_a_waiting_call_within_a_few_turns_of_the_loop(
         turns += 1
     with pytest.raises(RunCancelled):
         waiting.result()
-    # One turn to wake the wait, three to stop the call (it must not run on); a helper task
-    # awaiting the token through asyncio.wait took eight in all.
+    # sleep() has no call to stop: the turn that delivers the cancel raises it (through a
+    # helper task awaiting the token with asyncio.wait it took eight; through cancellable(),
+    # which must also stop its call, four).
+    assert turns <= 1
+
+
+async def test_cancellable_raises_once_its_call_has_stopped(coord: Coordinator) -> None:
+    handle = await start_run(coord, "s1")
+    call = SlowCall()
+    waiting = asyncio.create_task(handle.cancellable(call()))
+    await within(call.started.wait())
+    handle.token.cancel("stop")
+    turns = 0
+    while not waiting.done():
+        await asyncio.sleep(0)
+        turns += 1
+    with pytest.raises(RunCancelled):
+        waiting.result()
+    assert call.interrupted.is_set()
     assert turns <= 4
+
+
+async def test_sleep_waits_its_time_and_leaves_nothing_behind(coord: Coordinator) -> None:
+    handle = await start_run(coord, "s1")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await handle.sleep(0.05)
+    assert loop.time() - started >= 0.05
+    await handle.sleep(0)
+    await handle.sleep(-1)  # like asyncio.sleep: no wait
+    # A sleep cut short by the caller's own cancellation is not a cancel of the run
+    waiting = asyncio.create_task(handle.sleep(60))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert not handle.cancelled
+    assert [w for w in handle.token._waiters if not w.done()] == []
+    # And a run cancelled before it sleeps raises at once
+    handle.token.cancel("stop")
+    with pytest.raises(RunCancelled, match="stop"):
+        await within(handle.sleep(60), 1.0)
