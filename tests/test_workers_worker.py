@@ -248,6 +248,10 @@ async def test_runs_still_running_after_the_grace_period(
     stubborn = await coord.execute("stubborn", {"kind": "forever"})
     await wait_status(coord, "polite", "running")
     await wait_status(coord, "stubborn", "running")
+    # (running in Redis as soon as claimed; in flight once the worker has the claim's reply)
+    await eventually(
+        lambda: asyncio.sleep(0, len(worker.runs_in_flight)), lambda n: n == 2, what="in flight"
+    )
     # When the worker stops
     worker.stop()
     await eventually(lambda: asyncio.sleep(0, worker.runs_in_flight), lambda r: not r, what="drain")
@@ -341,6 +345,10 @@ async def test_cancelling_a_parent_cancels_its_children(
     payload = {"kind": "spawn", "children": ["kid"], "child_payload": {"steps": 1000}}
     await coord.execute("parent", payload)
     await wait_status(coord, "kid", "running")
+    # (the kid is queued before it is linked to the parent: it may run before the link is)
+    await eventually(
+        lambda: stream_types(coord, "parent"), lambda t: "sub_agent_started" in t, what="linked"
+    )
     # When the parent is cancelled
     assert await coord.cancel("parent")
     # Then the child is cancelled too, saying why, and both stop
