@@ -81,64 +81,90 @@ async def cancel_once(
     return (int(ns) - t0) / 1e6, call, unexpected
 
 
-async def measure_worker(
-    url: str, tag: str, procs: Procs, name: str, app: str, n: int
-) -> dict[str, Any]:
-    prefix = f"{tag}-{name}"
-    key = f"{tag}:{name}"
-    env = child_env(BENCH_REDIS_URL=url, BENCH_KEY=key, BENCH_POLL_INTERVAL=str(POLL_INTERVAL))
-    cmd = [sys.executable, "-m", "workers", app, "--redis-url", url, "--prefix", prefix]
-    opts = ["--concurrency", "4", "--shutdown-grace", "1", "--shutdown-cancel-wait", "1"]
-    proc = procs.start(name, [*cmd, *opts, "--log-level", "INFO"], env=env)
-    runs: list[list[float]] = []
-    calls: list[float] = []
-    unexpected: list[str] = []
-    try:
-        async with Coordinator.from_url(url, prefix=prefix) as coord:
-            for i in range(WARMUP + reps() * n):
-                # The first one also waits for the worker to start.
-                latency, call, odd = await cancel_once(
-                    coord, "cancel", key, procs, name, 60.0 if i == 0 else 10.0
-                )
-                unexpected += odd
-                if i >= WARMUP:
-                    if (i - WARMUP) % n == 0:
-                        runs.append([])
-                    runs[-1].append(latency)
-                    calls.append(call)
-    finally:
-        procs.stop(proc, timeout=5.0)
-    starts = procs.log(name, 100000).count("run started")
-    return summarize(runs) | {
-        "cancel_call_p50": percentile(calls, 50),
-        "unexpected_starts": unexpected,
-        "runs_started": starts,
-        "runs_executed": WARMUP + reps() * n,
-    }
+class Worker:
+    """A ``python -m workers`` process running ``app``, cancelled one run at a time."""
+
+    def __init__(self, url: str, tag: str, procs: Procs, name: str, app: str) -> None:
+        self.name, self.procs = name, procs
+        self.key = f"{tag}:{name}"
+        self.coord = Coordinator.from_url(url, prefix=f"{tag}-{name}")
+        env = child_env(
+            BENCH_REDIS_URL=url, BENCH_KEY=self.key, BENCH_POLL_INTERVAL=str(POLL_INTERVAL)
+        )
+        prefix = self.coord.prefix
+        cmd = [sys.executable, "-m", "workers", app, "--redis-url", url, "--prefix", prefix]
+        opts = ["--concurrency", "4", "--shutdown-grace", "1", "--shutdown-cancel-wait", "1"]
+        self.proc = procs.start(name, [*cmd, *opts, "--log-level", "INFO"], env=env)
+        self.calls: list[float] = []
+        self.unexpected: list[str] = []
+        self.executed = 0
+
+    async def once(self, warm: bool) -> float:
+        # The first one also waits for the worker to start.
+        wait = 10.0 if self.executed else 60.0
+        self.executed += 1
+        latency, call, odd = await cancel_once(
+            self.coord, "cancel", self.key, self.procs, self.name, wait
+        )
+        self.unexpected += odd
+        if warm:
+            self.calls.append(call)
+        return latency
+
+    async def close(self) -> dict[str, Any]:
+        await self.coord.aclose()
+        self.procs.stop(self.proc, timeout=5.0)
+        return {
+            "cancel_call_p50": percentile(self.calls, 50),
+            "unexpected_starts": self.unexpected,
+            "runs_started": self.procs.log(self.name, 100000).count("run started"),
+            "runs_executed": self.executed,
+        }
 
 
-async def measure_raw(url: str, tag: str, procs: Procs, n: int) -> dict[str, Any]:
-    key = f"{tag}:raw"
-    channel = f"{tag}:raw-channel"
-    proc = procs.start("raw", [sys.executable, "-m", "suite.cancel_raw", url, channel, key])
-    runs: list[list[float]] = []
-    client = Redis.from_url(url, decode_responses=True)
+class Raw:
+    """The baseline: ``PUBLISH`` heard by a plain redis-py subscriber in another process."""
+
+    def __init__(self, url: str, tag: str, procs: Procs) -> None:
+        self.procs, self.key, self.channel = procs, f"{tag}:raw", f"{tag}:raw-channel"
+        cmd = [sys.executable, "-m", "suite.cancel_raw", url, self.channel, self.key]
+        self.proc = procs.start("raw", cmd)
+        self.client = Redis.from_url(url, decode_responses=True)
+        self.sent = 0
+
+    async def once(self, warm: bool) -> float:
+        if not self.sent:
+            await pop(self.client, f"{self.key}:ready", "raw listener", self.procs, "raw", 60.0)
+        self.sent += 1
+        await asyncio.sleep(random.uniform(0.003, 0.012))
+        t0 = time.time_ns()
+        await self.client.publish(self.channel, str(self.sent))
+        seen = await pop(self.client, f"{self.key}:seen", "raw message", self.procs, "raw", 10.0)
+        return (int(seen.split()[1]) - t0) / 1e6
+
+    async def close(self) -> dict[str, Any]:
+        await self.client.aclose()
+        self.procs.stop(self.proc)
+        return {}
+
+
+async def take_turns(cases: dict[str, Worker | Raw], n: int) -> dict[str, dict[str, Any]]:
+    """``WARMUP`` cancels of each case, then ``reps()`` repetitions of ``n``, the cases taking
+    turns in a new random order for every cancel: each sees the same moments of the machine."""
+    runs: dict[str, list[list[float]]] = {name: [] for name in cases}
     try:
-        await pop(client, f"{key}:ready", "raw listener", procs, "raw", 60.0)
-        for rep in range(-1, reps()):  # rep -1: warm-up
-            lat = []
-            for i in range(n):
-                await asyncio.sleep(random.uniform(0.003, 0.012))
-                t0 = time.time_ns()
-                await client.publish(channel, f"{rep}.{i}")
-                seen = await pop(client, f"{key}:seen", "raw message", procs, "raw", 10.0)
-                lat.append((int(seen.split()[1]) - t0) / 1e6)
-            if rep >= 0:
-                runs.append(lat)
+        for i in range(WARMUP + reps() * n):
+            warm = i >= WARMUP
+            if warm and (i - WARMUP) % n == 0:
+                for lists in runs.values():
+                    lists.append([])
+            for name in random.sample(list(cases), len(cases)):
+                latency = await cases[name].once(warm)
+                if warm:
+                    runs[name][-1].append(latency)
     finally:
-        await client.aclose()
-        procs.stop(proc)
-    return summarize(runs)
+        closed = {name: await case.close() for name, case in cases.items()}
+    return {name: summarize(runs[name]) | closed[name] for name in cases}
 
 
 def summarize(runs: list[list[float]]) -> dict[str, Any]:
@@ -153,21 +179,21 @@ def summarize(runs: list[list[float]]) -> dict[str, Any]:
 async def measure(url: str, tag: str) -> dict[str, Any]:
     n = scaled(CANCELS, 5)
     with Procs() as procs:
-        raw = await measure_raw(url, tag, procs, n)
-        pubsub = await measure_worker(url, tag, procs, "pubsub", "suite.cancel_agent:agent", n)
-        waiting = await measure_worker(
-            url, tag, procs, "waiting", "suite.cancel_agent_wait:agent", n
+        # The raw baseline and the two pub/sub workers take turns; the polling worker, whose
+        # cancels take 50 times as long, goes alone.
+        pubsub = await take_turns(
+            {
+                "raw": Raw(url, tag, procs),
+                "pubsub": Worker(url, tag, procs, "pubsub", "suite.cancel_agent:agent"),
+                "waiting": Worker(url, tag, procs, "waiting", "suite.cancel_agent_wait:agent"),
+            },
+            n,
         )
-        polled = await measure_worker(
-            url, tag, procs, "polling", "suite.cancel_agent_nopubsub:agent", n
+        polled = await take_turns(
+            {"polling": Worker(url, tag, procs, "polling", "suite.cancel_agent_nopubsub:agent")},
+            n,
         )
-    return {
-        "cancels_per_rep": n,
-        "raw": raw,
-        "pubsub": pubsub,
-        "waiting": waiting,
-        "polling": polled,
-    }
+    return {"cancels_per_rep": n, **pubsub, **polled}
 
 
 def pubsub_rows(what: str, worker: dict[str, Any], raw: dict[str, Any]) -> list[Row]:
@@ -207,7 +233,8 @@ def run() -> list[Section]:
         "a second agent waits in `ctx.sleep(3600)`, which the cancel interrupts, so that "
         "row is the delivery alone. "
         "Baseline with pub/sub: raw `PUBLISH` → a plain redis-py subscriber in another "
-        "process, timed the same way.",
+        "process, timed the same way. The baseline and the two agents take turns, cancel by "
+        "cancel, in a random order.",
         data=data,
     )
     section.rows += [
