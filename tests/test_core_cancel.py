@@ -21,6 +21,7 @@ from runstate import (
     Coordinator,
     Reserved,
     RunCancelled,
+    RunHandle,
     StaleRunError,
 )
 from runstate.errors import EventTooLarge
@@ -599,13 +600,7 @@ async def test_a_cancel_wakes_a_waiting_call_within_a_few_turns_of_the_loop(
     for _ in range(3):
         await asyncio.sleep(0)
     assert not waiting.done()
-    handle.token.cancel("stop")
-    turns = 0
-    while not waiting.done():
-        await asyncio.sleep(0)
-        turns += 1
-    with pytest.raises(RunCancelled):
-        waiting.result()
+    turns = await turns_to_stop(handle, waiting)
     # sleep() has no call to stop: the turn that delivers the cancel raises it (through a
     # helper task awaiting the token with asyncio.wait it took eight; through cancellable(),
     # which must also stop its call, four).
@@ -617,6 +612,13 @@ async def test_cancellable_raises_once_its_call_has_stopped(coord: Coordinator) 
     call = SlowCall()
     waiting = asyncio.create_task(handle.cancellable(call()))
     await within(call.started.wait())
+    turns = await turns_to_stop(handle, waiting)
+    assert call.interrupted.is_set()
+    assert turns <= 4
+
+
+async def turns_to_stop(handle: RunHandle, waiting: asyncio.Task[Any]) -> int:
+    """Cancel the run; how many turns of the event loop until ``waiting`` raised RunCancelled."""
     handle.token.cancel("stop")
     turns = 0
     while not waiting.done():
@@ -624,8 +626,7 @@ async def test_cancellable_raises_once_its_call_has_stopped(coord: Coordinator) 
         turns += 1
     with pytest.raises(RunCancelled):
         waiting.result()
-    assert call.interrupted.is_set()
-    assert turns <= 4
+    return turns
 
 
 async def test_sleep_waits_its_time_and_leaves_nothing_behind(coord: Coordinator) -> None:
