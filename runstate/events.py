@@ -374,11 +374,15 @@ def coerce_event(event: AgentEvent | JSONObject) -> AgentEvent:
 
 
 def dump_cancelled(message: str, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> str:
-    """The JSON of a ``cancelled`` event saying ``message``: made once per reason (a cancel
-    names one of a few, over and over, and every step before it is sent delays the stop)."""
-    if type(message) is str:
+    """The JSON of a ``cancelled`` event saying ``message``: made once per short reason (a
+    cancel names one of a few, over and over, and every step before it is sent delays the
+    stop); a long one, or one that is not a str (refused, naming the value), each time."""
+    if type(message) is str and len(message) <= MAX_CACHED_REASON:
         return _dump_cancelled(message, max_bytes)
-    return dump_event(Cancelled(message=message), max_bytes)  # refused, naming the value
+    return dump_event(Cancelled(message=message), max_bytes)
+
+
+MAX_CACHED_REASON = 256
 
 
 @functools.lru_cache(maxsize=64)

@@ -298,8 +298,10 @@ async def test_cancel_token_vocabulary() -> None:
 
 
 async def test_each_cancel_writes_its_own_reason(coord: Coordinator, redis: Redis) -> None:
-    # The event of each reason is made once and reused: the same reason twice, and another
-    for sid, reason in (("a", "user pressed stop"), ("b", "user pressed stop"), ("c", "budget")):
+    # The event of each short reason is made once and reused: the same reason twice, another,
+    # and a long one (made each time)
+    reasons = [("a", "user pressed stop"), ("b", "user pressed stop"), ("c", "budget")]
+    for sid, reason in [*reasons, ("d", "over budget " * 30), ("e", "over budget " * 30)]:
         await start_run(coord, sid)
         assert await coord.cancel(sid, reason)
         [*_, (_, last)] = await entries(redis, coord, sid)
