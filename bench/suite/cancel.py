@@ -226,7 +226,7 @@ def run() -> list[Section]:
     section = Section(
         "4. Cancel latency: `coord.cancel()` → `checkpoint()` raising in a worker process",
         f"{data['cancels_per_rep']} cancels per repetition, median over {reps()} repetitions "
-        "of the per-repetition p50 / p99 (the p99 of 100 cancels lies between the two "
+        "of the per-repetition p50 / p99 (a p99 of up to 100 cancels lies between the two "
         "slowest). The agent loops on `checkpoint()` and `asyncio.sleep(0.0005)`: on uvloop, "
         "whose timers round that sleep down to none, a busy agent checking without pause (on "
         "asyncio's loop, about every millisecond); "
