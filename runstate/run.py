@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
@@ -124,6 +125,10 @@ class RunHandle:
 
     async def sleep(self, seconds: float) -> None:
         """Wait ``seconds``, or raise :class:`RunCancelled` as soon as the run is cancelled."""
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+            raise TypeError(f"seconds must be a number, got {type(seconds).__name__}: {seconds!r}")
+        if math.isnan(seconds):
+            raise ValueError(f"seconds must be a number, got {seconds!r}")
         await self.checkpoint()
         # One future, completed by a timer or by the cancel: no call to stop, so the cancel
         # raises in the turn that delivers it (cancellable() also waits for its call to end).

@@ -6,6 +6,7 @@ Every test that takes ``coord`` or ``redis`` runs against fakeredis and against 
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import uuid
 from typing import Any
@@ -646,6 +647,16 @@ async def test_sleep_waits_its_time_and_leaves_nothing_behind(coord: Coordinator
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert not handle.cancelled
+    assert [w for w in handle.token._waiters if not w.done()] == []
+    # A bad duration is refused naming it, leaving nothing behind
+    for bad, error in (
+        ("5", TypeError),
+        (None, TypeError),
+        (True, TypeError),
+        (math.nan, ValueError),
+    ):
+        with pytest.raises(error, match=re.escape(repr(bad))):
+            await handle.sleep(bad)
     assert [w for w in handle.token._waiters if not w.done()] == []
     # And a run cancelled before it sleeps raises at once
     handle.token.cancel("stop")
