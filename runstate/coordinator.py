@@ -13,7 +13,6 @@ from redis.asyncio import Redis
 
 from .cancellation import CancelWatcher
 from .client import client_option, connect
-from .codec import new_nonce
 from .config import load_settings
 from .errors import RedisUnavailable, RunstateError
 from .events import DEFAULT_MAX_EVENT_BYTES, StreamEvent
@@ -209,7 +208,7 @@ class Coordinator:
         return await self._cancel(session_id, reason, parent="")
 
     async def _cancel(self, session_id: str, reason: str, parent: str) -> bool:
-        outcome = await self.store.cancel(session_id, reason, parent=parent, nonce=new_nonce())
+        outcome = await self.store.cancel(session_id, reason, parent=parent)
         if not outcome.cancelled or outcome.run_id is None:
             return False
         await self.store.after_cancel(session_id, outcome.run_id)

@@ -373,6 +373,9 @@ def coerce_event(event: AgentEvent | JSONObject) -> AgentEvent:
     return event
 
 
+MAX_CACHED_REASON = 256  # characters: longer reasons are not kept by dump_cancelled
+
+
 def dump_cancelled(message: str, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> str:
     """The JSON of a ``cancelled`` event saying ``message``: made once per short reason (a
     cancel names one of a few, over and over, and every step before it is sent delays the
@@ -380,9 +383,6 @@ def dump_cancelled(message: str, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> st
     if type(message) is str and len(message) <= MAX_CACHED_REASON:
         return _dump_cancelled(message, max_bytes)
     return dump_event(Cancelled(message=message), max_bytes)
-
-
-MAX_CACHED_REASON = 256
 
 
 @functools.lru_cache(maxsize=64)

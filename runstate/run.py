@@ -86,7 +86,10 @@ class RunHandle:
         await asyncio.sleep(0)
         self._raise_flush_error()
         if self.token.cancel_called:
-            raise RunCancelled(self.session_id, self.run_id, self.token.reason or "cancelled")
+            raise self._cancelled()
+
+    def _cancelled(self) -> RunCancelled:
+        return RunCancelled(self.session_id, self.run_id, self.token.reason or "cancelled")
 
     async def cancellable(self, awaitable: Awaitable[T]) -> T:
         """Await ``awaitable`` (e.g. a model call) as a safe point that does not wait for it.
@@ -120,7 +123,7 @@ class RunHandle:
                 # cancel swallowed inside redis-py's connect is sent again).
                 await cancel_and_wait(work)
             if not finished:
-                raise RunCancelled(self.session_id, self.run_id, self.token.reason or "cancelled")
+                raise self._cancelled()
         return work.result()
 
     async def sleep(self, seconds: float) -> None:
@@ -140,7 +143,7 @@ class RunHandle:
             timer.cancel()
             wake.cancel()
         if self.token.cancel_called:
-            raise RunCancelled(self.session_id, self.run_id, self.token.reason or "cancelled")
+            raise self._cancelled()
 
     async def emit(self, event: AgentEvent | JSONObject) -> str:
         """Write one event (a model, or a dict with a ``type``); returns its stream id."""
