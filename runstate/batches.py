@@ -3,10 +3,11 @@ stream that every local subscriber of it reads at its own pace (:mod:`runstate.h
 Redis and appends to the logs, :mod:`runstate.subscription` reads them).
 
 Handing a read to a thousand subscribers is one append and ten wake-ups of futures shared by a
-hundred subscribers each, not a thousand queue pushes and futures. Appends drop the batches that
-lie more than ``limit`` events before the end, and, every so many appends, those that every
-subscriber has read; a subscriber that falls further behind than the limit overflows, and
-catches up from Redis instead. A subscriber cancelled while it waits cancels its
+hundred subscribers each, not a thousand queue pushes and futures; the wake-ups of later reads
+queue behind those still to go, so every subscriber is woken once per pass. Appends drop the
+batches that lie more than ``limit`` events before the end, and, every so many appends, those
+that every subscriber has read; a subscriber that falls further behind than the limit
+overflows, and catches up from Redis instead. A subscriber cancelled while it waits cancels its
 group's future, which wakes the rest of the group for nothing: they wait again.
 """
 
@@ -76,6 +77,7 @@ class Watch:
         "grouped",
         "limit",
         "log",
+        "queue",
         "subs",
         "sweep_at",
         "tail",
@@ -96,6 +98,8 @@ class Watch:
         self.waiting: list[asyncio.Future[None]] = []
         self.group: asyncio.Future[None] | None = None  # the group new waiters join
         self.grouped = 0  # how many joined it
+        # The groups being woken, a group per turn: wake-ups queue behind those still to go.
+        self.queue: deque[asyncio.Future[None]] = deque()
 
     @property
     def end(self) -> int:
@@ -158,20 +162,26 @@ class Watch:
 
         Between two groups the loop handles I/O: the hub's next read comes in and is appended
         while the wake-up goes on, so the subscribers still to be woken get it in the same
-        wake-up, instead of one whole pass later (with a thousand subscribers, a pass takes
-        milliseconds).
+        wake-up. The groups waiting by then (those woken first, waiting again) queue behind
+        those still to be woken: first come, first served, so the last of a thousand
+        subscribers is not put off again by the first ones' next wake-up.
         """
         groups, self.waiting, self.group = self.waiting, [], None
-        if groups:
-            _wake_in_turn(groups, 0)
+        going = bool(self.queue)  # then these are woken after it
+        self.queue.extend(groups)
+        if groups and not going:
+            self._wake_next()
 
-
-def _wake_in_turn(groups: list[asyncio.Future[None]], index: int) -> None:
-    group = groups[index]
-    if not group.done():
-        group.set_result(None)  # its subscribers run next turn, then this again
-    if index + 1 < len(groups):
-        asyncio.get_running_loop().call_soon(_wake_in_turn, groups, index + 1)
+    def _wake_next(self) -> None:
+        """Wake the next group in the queue, and the one after it next turn."""
+        queue = self.queue
+        while queue:
+            group = queue.popleft()
+            if not group.done():
+                group.set_result(None)  # its subscribers run next turn, then this again
+                break
+        if queue:
+            asyncio.get_running_loop().call_soon(self._wake_next)
 
 
 class Subscriber:

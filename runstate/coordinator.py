@@ -257,7 +257,8 @@ class Coordinator:
         """What :meth:`subscribe` yields, as lists of the events that arrived together.
 
         For consumers that write events out (SSE, websockets): one write per list, and far
-        less work per event when many subscribers share a process.
+        less work per event when many subscribers share a process. What arrived while the
+        consumer was busy comes as one list.
         """
         validate_session_id(session_id)
         return subscribe_batches(self._hub, session_id, last_event_id, follow=follow)

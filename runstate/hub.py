@@ -2,7 +2,10 @@
 
 A :class:`Hub` owns one connection that blocks in a single ``XREAD`` over every stream watched in
 this process, decodes each entry once and appends it to the stream's log of batches, which every
-local subscriber of the stream reads at its own pace (:mod:`runstate.batches`).
+local subscriber of the stream reads at its own pace (:mod:`runstate.batches`). It reads again as
+soon as it has appended: with a thousand subscribers, waking them all takes milliseconds, and
+what the next reads bring meanwhile is in the log when the last of them run, so they take it in
+the same wake-up, as one list (there is no pause between reads to make batches bigger).
 
 The read also covers the hub's own wake-up stream (``<prefix>:hub:<id>``, one entry at most):
 when a new stream must be watched, one ``XADD`` there ends the blocked read, or, if the read has
@@ -43,12 +46,6 @@ CATCH_UP_PAGE = 500
 # Subscriber-side reads (snapshots, catch-up pages) in flight at once per process: a burst of
 # new or lagging subscribers must not take one pooled connection each.
 MAX_CONCURRENT_READS = 8
-# How long the reader waits between handing out events and reading again (see Hub._linger):
-# 5 µs per subscriber woken, once that makes at least a millisecond (the event loop's timers
-# wait whole milliseconds: a shorter pause would last one anyway).
-LINGER_PER_SUBSCRIBER = 5e-6
-LINGER_FROM = round(0.001 / LINGER_PER_SUBSCRIBER)  # subscribers woken: 200
-LINGER_MAX = 0.010
 # The wake-up stream outlives its process by at most this long (every wake-up renews it).
 WAKE_TTL_MS = 60_000
 # How long a snapshot's wake-up counts as on its way to the reader (it takes a round trip; one
@@ -272,9 +269,7 @@ class Hub:
                 await self._drop_broken_streams(exc)
                 continue
             wait = 0.0
-            woken = self._dispatch(result, reading)
-            if woken >= LINGER_FROM:
-                await self._linger(woken)
+            self._dispatch(result, reading)
 
     async def _xread(self, streams: dict[str, str]) -> Any:
         """One blocking XREAD on the reader's own connection, written and read directly
@@ -309,23 +304,10 @@ class Hub:
             await asyncio.wait_for(self._wake.wait(), self._poll_wait)
         return found
 
-    async def _linger(self, woken: int) -> None:
-        """Pause after handing out events, before reading again.
-
-        Waking a subscriber costs the same for one event as for fifty, so once a read woke
-        ``LINGER_FROM`` subscribers or more, the next read is put off a little (5 µs per
-        subscriber, at most 10 ms) to bring what arrived meanwhile as one batch each, instead
-        of one event per read while a backlog grows behind it. With fewer, the reader reads
-        again at once: the fastest delivery. (Not below 200: asyncio's selector waits whole
-        milliseconds, so the 0.5 ms pause of 100 subscribers cost up to a millisecond per read.)
-        """
-        await asyncio.sleep(min(LINGER_MAX, LINGER_PER_SUBSCRIBER * woken))
-
-    def _dispatch(self, result: Any, reading: dict[str, Watch]) -> int:
-        """Hand what was read to the subscribers; returns how many of them got events."""
+    def _dispatch(self, result: Any, reading: dict[str, Watch]) -> None:
+        """Hand what was read to the subscribers."""
         items = result.items() if isinstance(result, dict) else result or []
         keys = self._store.keys
-        woken = 0
         for key, entries in items:
             if key == self._wake_key:
                 if entries:
@@ -340,11 +322,9 @@ class Hub:
             events = [e for eid, f in entries if (e := decode_entry(eid, f, sid or ""))]
             if events:
                 watch.append(Batch(events))
-                woken += len(watch.subs)
             last = entries[-1][0]
             if parse_stream_id(last) > parse_stream_id(watch.cursor):
                 watch.cursor = last
-        return woken
 
     async def _drop_broken_streams(self, exc: Exception) -> None:
         """A key that is not a stream, or an entry that is not UTF-8 text (for a client that

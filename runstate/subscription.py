@@ -196,7 +196,8 @@ async def subscribe_batches(
 
     The same events in the same order; a consumer that writes them out (an SSE response, a
     websocket) does one write per list instead of one per event, and keeps up with far more
-    events per second.
+    events per second. A consumer that comes back for more after the reader has read several
+    times gets all of it as one list.
 
     Every event after the place reached, in order, each once: a subscriber that is behind (a
     resume, or one that fell too far behind) first pages through the stream itself, at its
@@ -256,9 +257,19 @@ async def subscribe_batches(
                         elif index >= 0:
                             ready = log[index]
                             if synced and ready.follows and (follow or ready.terminal < 0):
-                                sub.position += 1
+                                # With those that follow it in the log already: one list.
+                                out = list(ready.events)
+                                index += 1
+                                while index < len(log):
+                                    after = log[index]
+                                    if not after.follows or (after.terminal >= 0 and not follow):
+                                        break
+                                    out.extend(after.events)
+                                    ready = after
+                                    index += 1
+                                sub.position = index + watch.base
                                 taken = ready
-                                yield list(ready.events)
+                                yield out
                                 continue
                         # The rest: the subscriber's error, an overflow, or a batch to look at
                         # event by event, from where the batches taken whole got us.

@@ -184,6 +184,35 @@ async def test_a_wake_up_lets_the_loop_run_between_groups_of_subscribers() -> No
     assert len(woken) == 250
 
 
+async def test_subscribers_woken_first_wait_behind_those_not_woken_yet() -> None:
+    # Given 250 subscribers waiting (three groups: 100, 100, 50), each reading all it can
+    # whenever it is woken
+    watch = Watch("0-0", limit=100)
+    subs = [subscriber(watch) for _ in range(250)]
+    second: list[int] = []  # who got the second batch, in order
+
+    async def read(i: int, sub: Subscriber) -> None:
+        read = 0
+        while read < 2:
+            while (got := sub.next()) is not None:
+                read += 1
+                if got.first == (1, 2):
+                    second.append(i)
+            if read < 2:
+                await sub.watch.waiter()
+
+    readers = [asyncio.create_task(read(i, sub)) for i, sub in enumerate(subs)]
+    await asyncio.sleep(0)
+    # When a batch is appended, and a second one while the first wake-up goes on (once the
+    # first group has read the first batch and waits again)
+    watch.append(batch(1))
+    asyncio.get_running_loop().call_soon(watch.append, batch(2))
+    await asyncio.wait_for(asyncio.gather(*readers), 1)
+    # Then the two groups not woken yet get both batches before the first group is woken again
+    assert sorted(second[:150]) == list(range(100, 250))
+    assert sorted(second[150:]) == list(range(100))
+
+
 def test_a_failed_subscriber_that_fell_behind_gets_its_error_not_an_overflow() -> None:
     # Given a subscriber far behind (it would overflow) when its stream fails
     watch = Watch("0-0", limit=2)

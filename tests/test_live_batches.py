@@ -9,7 +9,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from runstate.batches import Batch, Subscriber, Watch
-from runstate.events import Gap, StreamEvent, Token
+from runstate.events import Complete, Gap, StreamEvent, Token
 from runstate.replies import Snapshot
 from runstate.subscription import subscribe_batches
 
@@ -126,3 +126,36 @@ async def test_batches_the_subscriber_is_ahead_of_are_looked_at_not_handed_over_
     # Then the subscriber is handed only what comes after what it already has
     assert ordinals(await asyncio.wait_for(pending, 2)) == [10, 11]
     await it.aclose()
+
+
+async def test_batches_that_wait_in_the_log_are_handed_over_as_one_list() -> None:
+    # Given a live subscriber that took events 1-5 (the second batch whole)
+    hub = HandHub()
+    it = subscribe_batches(hub, "s1", follow=True)  # type: ignore[arg-type]
+    got = [e for b in (batch(1, 3), batch(4, 2)) for e in await handed(hub, it, b)]
+    # When three more batches are read while it does not read (within its room)
+    for first, count in ((6, 2), (8, 1), (9, 2)):
+        hub.watch.append(batch(first, count))
+    # Then its next list holds all of them, in order, once each
+    merged = await asyncio.wait_for(anext(it), 2)
+    assert ordinals(merged) == [6, 7, 8, 9, 10]
+    # And it goes on live after them
+    assert ordinals(await handed(hub, it, batch(11, 1))) == [11]
+    assert ordinals(got) == [1, 2, 3, 4, 5]
+    await it.aclose()
+
+
+async def test_a_list_handed_over_at_once_stops_at_the_terminal_event() -> None:
+    # Given a subscriber that does not follow on after the run, and took events 1-5
+    hub = HandHub()
+    it = subscribe_batches(hub, "s1")  # type: ignore[arg-type]
+    for b in (batch(1, 3), batch(4, 2)):
+        await handed(hub, it, b)
+    # When events 6-7, then the run's terminal event with one more after it, wait in the log
+    hub.watch.append(batch(6, 2))
+    end = StreamEvent(id="1-8", run_id="r1", event=Complete())
+    hub.watch.append(Batch([end, StreamEvent(id="1-9", run_id="r1", event=Token(content="x"))]))
+    # Then it gets 6-7, then the terminal event, and nothing after it
+    assert ordinals(await asyncio.wait_for(anext(it), 2)) == [6, 7]
+    assert await asyncio.wait_for(anext(it), 2) == [end]
+    assert [b async for b in it] == []
