@@ -173,15 +173,20 @@ class Watch:
             self._wake_next()
 
     def _wake_next(self) -> None:
-        """Wake the next group in the queue, and the one after it next turn."""
+        """Wake the next group in the queue, and the one after it next turn.
+
+        The next turn is scheduled on the group's own loop before anything else, so that the
+        queue is never left holding groups with no turn to come (every later wake-up would
+        then only add to it): a group not done yet is in the queue only while a turn is due.
+        """
         queue = self.queue
         while queue:
             group = queue.popleft()
             if not group.done():
+                if queue:
+                    group.get_loop().call_soon(self._wake_next)
                 group.set_result(None)  # its subscribers run next turn, then this again
-                break
-        if queue:
-            asyncio.get_running_loop().call_soon(self._wake_next)
+                return
 
 
 class Subscriber:

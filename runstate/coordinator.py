@@ -254,11 +254,11 @@ class Coordinator:
     def subscribe_batches(
         self, session_id: str, last_event_id: str | None = None, *, follow: bool = False
     ) -> AsyncIterator[list[StreamEvent]]:
-        """What :meth:`subscribe` yields, as lists of the events that arrived together.
+        """What :meth:`subscribe` yields, as lists of the events ready at once.
 
         For consumers that write events out (SSE, websockets): one write per list, and far
         less work per event when many subscribers share a process. What arrived while the
-        consumer was busy comes as one list.
+        consumer was busy usually comes as one list.
         """
         validate_session_id(session_id)
         return subscribe_batches(self._hub, session_id, last_event_id, follow=follow)

@@ -440,8 +440,8 @@ async def _pump(
     follow: bool,
     queue: asyncio.Queue[list[StreamEvent] | _End],
 ) -> None:
-    """Copy one subscription into ``queue`` (the events that arrived together as one item),
-    then an :class:`_End`."""
+    """Copy one subscription into ``queue`` (each list it yields as one item), then an
+    :class:`_End`."""
     events = coord.subscribe_batches(sid, last, follow=follow)
     try:
         async for batch in events:

@@ -192,12 +192,13 @@ async def subscribe_batches(
     *,
     follow: bool = False,
 ) -> AsyncGenerator[list[StreamEvent], None]:
-    """What :func:`subscribe` yields, as lists of the events that arrived together.
+    """What :func:`subscribe` yields, as lists of the events ready at once.
 
     The same events in the same order; a consumer that writes them out (an SSE response, a
     websocket) does one write per list instead of one per event, and keeps up with far more
     events per second. A consumer that comes back for more after the reader has read several
-    times gets all of it as one list.
+    times usually gets all of it as one list (not across a hole in the stream, nor, unless
+    following, past the run's terminal event).
 
     Every event after the place reached, in order, each once: a subscriber that is behind (a
     resume, or one that fell too far behind) first pages through the stream itself, at its

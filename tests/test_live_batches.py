@@ -159,3 +159,27 @@ async def test_a_list_handed_over_at_once_stops_at_the_terminal_event() -> None:
     assert ordinals(await asyncio.wait_for(anext(it), 2)) == [6, 7]
     assert await asyncio.wait_for(anext(it), 2) == [end]
     assert [b async for b in it] == []
+
+
+async def test_a_group_cancelled_while_it_waits_its_turn_still_wakes_the_rest() -> None:
+    # Given 250 live subscribers waiting in three groups (100, 100, 50)
+    hub = HandHub()
+    its = [subscribe_batches(hub, "s1", follow=True) for _ in range(250)]  # type: ignore[arg-type]
+    pending = [asyncio.ensure_future(anext(it)) for it in its]
+    for _ in range(100):
+        if len(hub.watch.waiting) == 3 and hub.watch.grouped == 50:
+            break
+        await asyncio.sleep(0)
+    else:
+        raise AssertionError("the subscribers never waited")
+    # When a batch is appended, and a subscriber of the last group goes away before its turn
+    # (which cancels the group's shared future)
+    hub.watch.append(batch(1, 2))
+    pending[-1].cancel()
+    # Then every other subscriber is handed the batch, the rest of that group included
+    got = await asyncio.wait_for(asyncio.gather(*pending[:-1]), 2)
+    assert all(ordinals(g) == [1, 2] for g in got)
+    assert len(got) == 249
+    assert not hub.watch.queue
+    for it in its:
+        await it.aclose()
