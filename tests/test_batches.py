@@ -191,17 +191,17 @@ async def test_subscribers_woken_first_wait_behind_those_not_woken_yet() -> None
     subs = [subscriber(watch) for _ in range(250)]
     second: list[int] = []  # who got the second batch, in order
 
-    async def read(i: int, sub: Subscriber) -> None:
-        read = 0
-        while read < 2:
+    async def read_two(i: int, sub: Subscriber) -> None:
+        taken = 0
+        while taken < 2:
             while (got := sub.next()) is not None:
-                read += 1
+                taken += 1
                 if got.first == (1, 2):
                     second.append(i)
-            if read < 2:
+            if taken < 2:
                 await sub.watch.waiter()
 
-    readers = [asyncio.create_task(read(i, sub)) for i, sub in enumerate(subs)]
+    readers = [asyncio.create_task(read_two(i, sub)) for i, sub in enumerate(subs)]
     await asyncio.sleep(0)
     # When a batch is appended, and a second one while the first wake-up goes on (once the
     # first group has read the first batch and waits again)
