@@ -255,21 +255,19 @@ async def subscribe_batches(
                                     if not _cancelled_by_another(waiter):
                                         raise
                                 continue
-                        elif index >= 0:
-                            ready = log[index]
-                            if synced and ready.follows and (follow or ready.terminal < 0):
-                                # With those that follow it in the log already: one list.
-                                out = list(ready.events)
-                                index += 1
-                                while index < len(log):
-                                    after = log[index]
-                                    if not after.follows or (after.terminal >= 0 and not follow):
-                                        break
-                                    out.extend(after.events)
-                                    ready = after
-                                    index += 1
-                                sub.position = index + watch.base
+                        elif index >= 0 and synced:
+                            # Every batch from ours on that follows the one before it, as one
+                            # list (stopping before a terminal event unless following).
+                            out = []
+                            while index < len(log):
+                                ready = log[index]
+                                if not ready.follows or (ready.terminal >= 0 and not follow):
+                                    break
+                                out.extend(ready.events)
                                 taken = ready
+                                index += 1
+                            if out:
+                                sub.position = index + watch.base
                                 yield out
                                 continue
                         # The rest: the subscriber's error, an overflow, or a batch to look at
