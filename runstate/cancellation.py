@@ -22,6 +22,12 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 
+def wake(future: asyncio.Future[None]) -> None:
+    """Complete a waiter future, unless something else (or a cancellation) already did."""
+    if not future.done():
+        future.set_result(None)
+
+
 class CancelToken:
     """The cancellation state of one run (the vocabulary of anyio's ``CancelScope``)."""
 
@@ -39,8 +45,7 @@ class CancelToken:
             self.reason = reason
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+                wake(waiter)
 
     @property
     def cancel_called(self) -> bool:

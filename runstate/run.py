@@ -8,7 +8,7 @@ import math
 from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
-from .cancellation import CancelToken
+from .cancellation import CancelToken, wake
 from .codec import EncodedEvent
 from .errors import RedisUnavailable, RunCancelled, StaleRunError
 from .events import AgentEvent, Complete, Error, JSONObject, coerce_event
@@ -112,13 +112,13 @@ class RunHandle:
         if not work.done():
             # One future for both ends of the wait, completed by the token (at the cancel) or by
             # the call's end: the cancel wakes this task in one turn of the event loop.
-            wake = self.token.waiter()
-            work.add_done_callback(lambda _: _wake(wake))
+            waiter = self.token.waiter()
+            work.add_done_callback(lambda _: wake(waiter))
             try:
-                await wake
+                await waiter
             finally:
                 finished = work.done()
-                wake.cancel()
+                waiter.cancel()
                 # Cancelled, or our own task is being cancelled: the call must not run on (a
                 # cancel swallowed inside redis-py's connect is sent again).
                 await cancel_and_wait(work)
@@ -135,13 +135,13 @@ class RunHandle:
         await self.checkpoint()
         # One future, completed by a timer or by the cancel: no call to stop, so the cancel
         # raises in the turn that delivers it (cancellable() also waits for its call to end).
-        wake = self.token.waiter()
-        timer = asyncio.get_running_loop().call_later(seconds, _wake, wake)
+        waiter = self.token.waiter()
+        timer = asyncio.get_running_loop().call_later(seconds, wake, waiter)
         try:
-            await wake
+            await waiter
         finally:
             timer.cancel()
-            wake.cancel()
+            waiter.cancel()
         if self.token.cancel_called:
             raise self._cancelled()
 
@@ -262,8 +262,3 @@ class RunHandle:
         self._stop_timer()
         self._queued = []
         self.token.cancel("cancelled" if isinstance(exc, RunCancelled) else f"superseded: {exc}")
-
-
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
