@@ -4,7 +4,9 @@ Redis and appends to the logs, :mod:`runstate.subscription` reads them).
 
 Handing a read to a thousand subscribers is one append and ten wake-ups of futures shared by a
 hundred subscribers each, not a thousand queue pushes and futures; the wake-ups of later reads
-queue behind those still to go, so every subscriber is woken once per pass. Appends drop the
+queue behind those still to go, so every subscriber is woken once per pass. Batches that follow
+one another also go into a segment, one list of their events, so that a subscriber woken after
+several reads takes them all in one slice rather than one batch at a time. Appends drop the
 batches that lie more than ``limit`` events before the end, and, every so many appends, those
 that every subscriber has read; a subscriber that falls further behind than the limit
 overflows, and catches up from Redis instead. A subscriber cancelled while it waits cancels its
@@ -20,7 +22,7 @@ from collections.abc import Sequence
 from .codec import parse_stream_id
 from .events import StreamEvent
 
-__all__ = ["Batch", "Overflow", "Subscriber", "Watch"]
+__all__ = ["Batch", "Overflow", "Segment", "Subscriber", "Watch"]
 
 # Subscribers woken per turn of the event loop (see Watch.wake).
 WAKE_GROUP = 100
@@ -39,7 +41,17 @@ class Batch:
     """Consecutive events of one stream, as read together: decoded once and shared by every
     subscriber of the stream, with what each of them checks computed once too."""
 
-    __slots__ = ("contiguous", "end", "events", "first", "follows", "last", "terminal")
+    __slots__ = (
+        "at",
+        "contiguous",
+        "end",
+        "events",
+        "first",
+        "follows",
+        "last",
+        "segment",
+        "terminal",
+    )
 
     def __init__(self, events: Sequence[StreamEvent]) -> None:
         self.events = events
@@ -53,6 +65,10 @@ class Batch:
         # In a Watch's log: whether its events come right after the previous batch's, no hole
         # and no overlap; then a subscriber that took that one whole takes this one whole.
         self.follows = False
+        # In a Watch's log, when it follows and holds no terminal event: the segment it is part
+        # of, from its first event on at ``segment.events[at]``.
+        self.segment: Segment | None = None
+        self.at = 0
 
     def after(self, position: tuple[int, int]) -> Batch | None:
         """The events after ``position`` (None if none)."""
@@ -60,6 +76,23 @@ class Batch:
             return self
         rest = [e for e in self.events if e.id is not None and parse_stream_id(e.id) > position]
         return Batch(rest) if rest else None
+
+
+class Segment:
+    """Batches of a watch's log that follow one another with no terminal event, as one list of
+    their events: a subscriber that took the batch before one of them whole takes everything
+    from that one to the segment's end in one slice, however many reads brought it.
+
+    Once a segment holds the watch's ``limit`` of events, the next batch starts a new one, so
+    that the log's trimming lets go of a long run's events.
+    """
+
+    __slots__ = ("end", "events", "last")
+
+    def __init__(self) -> None:
+        self.events: list[StreamEvent] = []
+        self.last: Batch | None = None  # its last batch
+        self.end = 0  # the log position after its last batch
 
 
 class Watch:
@@ -78,6 +111,7 @@ class Watch:
         "limit",
         "log",
         "queue",
+        "segment",
         "subs",
         "sweep_at",
         "tail",
@@ -94,6 +128,7 @@ class Watch:
         self.total = 0  # events appended since the watch began
         self.sweep_at = SWEEP_FROM  # the log's length at which _trim looks at every place
         self.tail: Batch | None = None  # the last batch appended (trimmed or not)
+        self.segment: Segment | None = None  # the one the tail is part of, if any
         # The waiting subscribers, in groups of up to WAKE_GROUP sharing one future each.
         self.waiting: list[asyncio.Future[None]] = []
         self.group: asyncio.Future[None] | None = None  # the group new waiters join
@@ -119,6 +154,15 @@ class Watch:
         )
         self.tail = batch
         self.log.append(batch)
+        if batch.follows and batch.terminal < 0:
+            segment = self.segment
+            if segment is None or len(segment.events) >= self.limit:
+                segment = self.segment = Segment()
+            batch.segment, batch.at = segment, len(segment.events)
+            segment.events.extend(batch.events)
+            segment.last, segment.end = batch, self.end
+        else:
+            self.segment = None
         self._trim()
         self.wake()
 

@@ -197,8 +197,8 @@ async def subscribe_batches(
     The same events in the same order; a consumer that writes them out (an SSE response, a
     websocket) does one write per list instead of one per event, and keeps up with far more
     events per second. A consumer that comes back for more after the reader has read several
-    times usually gets all of it as one list (not across a hole in the stream, nor, unless
-    following, past the run's terminal event).
+    times usually gets all of it as one list (not across a hole in the stream or the run's
+    terminal event; a long backlog may come as a few lists).
 
     Every event after the place reached, in order, each once: a subscriber that is behind (a
     resume, or one that fell too far behind) first pages through the stream itself, at its
@@ -237,14 +237,15 @@ async def subscribe_batches(
                         if place.finished():
                             return
                     watch, log = sub.watch, sub.watch.log
-                    # Whether we took the batch before the one at our position whole: then one
-                    # that follows it (Batch.follows) is ours whole too, with nothing to check
+                    # Whether we took the batch before the one at our position whole: then if
+                    # ours is part of a segment (it follows that one, see Batch.segment), the
+                    # segment's events from ours on are ours whole too, with nothing to check
                     # event by event. The last batch so taken, until `place` is told.
                     synced, taken = False, None
                     while True:  # live
                         # The usual cases first, written out (each call saved is a share of
                         # every wake-up, with a thousand subscribers in a process): nothing new
-                        # yet (wait), or the batch that follows the one we took whole.
+                        # yet (wait), or the segment that goes on from what we took whole.
                         index = sub.position - watch.base
                         if index >= len(log):
                             if sub.error is None:
@@ -256,19 +257,14 @@ async def subscribe_batches(
                                         raise
                                 continue
                         elif index >= 0 and synced:
-                            # Every batch from ours on that follows the one before it, as one
-                            # list (stopping before a terminal event unless following).
-                            out = []
-                            while index < len(log):
-                                ready = log[index]
-                                if not ready.follows or (ready.terminal >= 0 and not follow):
-                                    break
-                                out.extend(ready.events)
-                                taken = ready
-                                index += 1
-                            if out:
-                                sub.position = index + watch.base
-                                yield out
+                            # Every batch from ours to the end of its segment (those that
+                            # follow one another with no terminal event), as one list.
+                            ready = log[index]
+                            segment = ready.segment
+                            if segment is not None:
+                                taken = segment.last
+                                sub.position = segment.end
+                                yield segment.events[ready.at :]
                                 continue
                         # The rest: the subscriber's error, an overflow, or a batch to look at
                         # event by event, from where the batches taken whole got us.

@@ -11,7 +11,7 @@ import pytest
 
 from runstate import RunstateError
 from runstate.batches import SWEEP_FROM, Batch, Overflow, Subscriber, Watch
-from runstate.events import StreamEvent, Token
+from runstate.events import Complete, StreamEvent, Token
 
 
 def batch(first: int, count: int = 1) -> Batch:
@@ -266,3 +266,41 @@ def test_a_batch_follows_the_last_one_appended_only_when_no_event_is_missing_or_
         watch.append(b)
     # Then only those that go on exactly from the last one appended (trimmed or not) follow it
     assert [b.follows for b in appended] == [False, True, False, False, False, True]
+
+
+def test_batches_that_follow_with_no_terminal_event_share_a_segment() -> None:
+    # Given a watch
+    watch = Watch("0-0", limit=100)
+    # When batches are appended: a first one, two that follow it, one after a hole, one that
+    # follows that, one that follows but ends the run, and one after that
+    end = Batch([StreamEvent(id="1-12", run_id="r1", event=Complete())])
+    appended = [batch(1, 3), batch(4, 2), batch(6), batch(9, 2), batch(11), end, batch(13)]
+    for b in appended:
+        watch.append(b)
+    first, second, third, holed, fifth, ending, last = appended
+    # Then those that follow with no terminal event are segments' parts, at their own events
+    assert first.segment is None and holed.segment is None and ending.segment is None
+    assert second.segment is not None and third.segment is second.segment
+    assert [e.id for e in second.segment.events] == ["1-4", "1-5", "1-6"]
+    assert (second.at, third.at) == (0, 2)
+    assert second.segment.last is third and second.segment.end == 3
+    # And a hole or a terminal event ends a segment: the next one that follows starts anew
+    assert fifth.segment is not None and fifth.segment is not second.segment
+    assert last.segment is not None and last.segment is not fifth.segment
+    assert last.segment.end == watch.end == 7
+
+
+def test_a_segment_takes_no_more_batches_once_it_holds_the_limit() -> None:
+    # Given a watch whose subscribers may leave 4 events unread
+    watch = Watch("0-0", limit=4)
+    # When batches of two that follow one another are appended
+    appended = [batch(1, 2), batch(3, 2), batch(5, 2), batch(7, 2), batch(9, 2)]
+    for b in appended:
+        watch.append(b)
+    # Then a segment stops taking them once it holds 4 events, so that trimmed batches' events
+    # are not kept by a segment that goes on and on
+    segments = [b.segment for b in appended]
+    assert segments[0] is None
+    assert segments[1] is segments[2] and segments[3] is segments[4]
+    assert segments[2] is not segments[3]
+    assert segments[3] is not None and len(segments[3].events) == 4

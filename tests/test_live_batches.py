@@ -145,6 +145,41 @@ async def test_batches_that_wait_in_the_log_are_handed_over_as_one_list() -> Non
     await it.aclose()
 
 
+async def test_a_backlog_across_a_full_segment_comes_as_two_lists_each_event_once() -> None:
+    # Given a live subscriber with room for 4 unread events that took events 1-5 (the second
+    # batch whole, the first of a segment)
+    hub = HandHub(limit=4)
+    it = subscribe_batches(hub, "s1", follow=True)  # type: ignore[arg-type]
+    got = [e for b in (batch(1, 3), batch(4, 2)) for e in await handed(hub, it, b)]
+    # When events 6-7 fill that segment and event 8 starts the next, while it does not read
+    for first, count in ((6, 2), (8, 1)):
+        hub.watch.append(batch(first, count))
+    # Then it gets the rest of the first segment, then the next, each event once and in order
+    assert ordinals(await asyncio.wait_for(anext(it), 2)) == [6, 7]
+    assert ordinals(await asyncio.wait_for(anext(it), 2)) == [8]
+    # And it goes on live after them
+    assert ordinals(await handed(hub, it, batch(9, 1))) == [9]
+    assert ordinals(got) == [1, 2, 3, 4, 5]
+    await it.aclose()
+
+
+async def test_a_follower_takes_the_terminal_event_and_goes_on_whole_after_it() -> None:
+    # Given a subscriber that follows on after the run, and took events 1-5
+    hub = HandHub()
+    it = subscribe_batches(hub, "s1", follow=True)  # type: ignore[arg-type]
+    for b in (batch(1, 3), batch(4, 2)):
+        await handed(hub, it, b)
+    # When the run's terminal event comes between two batches of tokens
+    end = StreamEvent(id="1-6", run_id="r1", event=Complete())
+    hub.watch.append(Batch([end, StreamEvent(id="1-7", run_id="r1", event=Token(content="x"))]))
+    hub.watch.append(batch(8, 2))
+    # Then it gets the terminal event's batch (looked at event by event), then the next whole
+    assert ordinals(await asyncio.wait_for(anext(it), 2)) == [6, 7]
+    assert ordinals(await asyncio.wait_for(anext(it), 2)) == [8, 9]
+    assert ordinals(await handed(hub, it, batch(10, 1))) == [10]
+    await it.aclose()
+
+
 async def test_a_list_handed_over_at_once_stops_at_the_terminal_event() -> None:
     # Given a subscriber that does not follow on after the run, and took events 1-5
     hub = HandHub()
