@@ -24,7 +24,8 @@ import json
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from pydantic_core import from_json
 
 from .errors import EventTooLarge, UnknownEventType
@@ -285,20 +286,45 @@ BuiltinEvent = Annotated[
 """The built-in events as a pydantic discriminated union (for schemas and typed handlers)."""
 
 
-class StreamEvent(BaseModel):
+@pydantic_dataclass(frozen=True, slots=True)
+class StreamEvent:
     """One event as a subscriber sees it.
 
     ``id`` is the Redis stream id (the SSE ``id:``), or None for an item replayed from the
     snapshot (critical events, the last budget event) and for gap notices.
-    """
 
-    model_config = ConfigDict(frozen=True)
+    A pydantic dataclass, validated when made and dumped like a model, rather than a model:
+    every subscriber reads these attributes for every event, and reading one of a model costs
+    about five times as much (``BaseModel`` defines ``__getattr__``, which keeps CPython's
+    attribute reads off their fast path).
+    """
 
     id: str | None
     run_id: str
     # SerializeAsAny: dump the event's own fields, not only those of the AgentEvent base.
     event: SerializeAsAny[AgentEvent]
     seq: int | None = None
+
+    @classmethod
+    def read(cls, id: str, run_id: str, seq: int, event: AgentEvent) -> StreamEvent:
+        """A stream entry just decoded, its fields of the right types already: made without
+        validating them again (the hub makes one per entry it reads)."""
+        item = object.__new__(cls)
+        for name, value in (("id", id), ("run_id", run_id), ("event", event), ("seq", seq)):
+            object.__setattr__(item, name, value)
+        return item
+
+    def model_dump(self, **kwargs: Any) -> dict[str, Any]:
+        """As ``BaseModel.model_dump`` (the same keyword arguments)."""
+        out: dict[str, Any] = _STREAM_EVENT.dump_python(self, **kwargs)
+        return out
+
+    def model_dump_json(self, **kwargs: Any) -> str:
+        """As ``BaseModel.model_dump_json`` (the same keyword arguments)."""
+        return _STREAM_EVENT.dump_json(self, **kwargs).decode()
+
+
+_STREAM_EVENT = TypeAdapter(StreamEvent)
 
 
 # ---------------------------------------------------------------------------------------------
