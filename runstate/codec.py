@@ -66,7 +66,7 @@ def decode_entry(entry_id: str, fields: dict[str, str], where: str = "") -> Stre
     """A stream entry as a StreamEvent; None (with a warning) for an entry we did not write."""
     try:
         event = parse_event(fields["data"])
-        return StreamEvent.read(entry_id, fields["run"], int(fields["seq"]), event)
+        return StreamEvent.from_entry(entry_id, fields["run"], int(fields["seq"]), event)
     except (KeyError, ValueError, TypeError) as exc:
         log.warning("skipping malformed stream entry %s %s: %s", where, entry_id, exc)
         return None

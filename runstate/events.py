@@ -306,7 +306,7 @@ class StreamEvent:
     seq: int | None = None
 
     @classmethod
-    def read(cls, id: str, run_id: str, seq: int, event: AgentEvent) -> StreamEvent:
+    def from_entry(cls, id: str, run_id: str, seq: int, event: AgentEvent) -> StreamEvent:
         """A stream entry just decoded, its fields of the right types already: made without
         validating them again (the hub makes one per entry it reads)."""
         item = object.__new__(cls)

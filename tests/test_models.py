@@ -28,7 +28,7 @@ def test_stream_event_validates_what_it_is_made_of_and_names_the_bad_field() -> 
 
 def test_stream_event_is_immutable_and_compares_by_value() -> None:
     # Given a stream event as a subscriber gets it from the reader, and one made by hand
-    read = StreamEvent.read("1-1", "r", 1, Token(content="hi"))
+    read = StreamEvent.from_entry("1-1", "r", 1, Token(content="hi"))
     made = StreamEvent(id="1-1", run_id="r", seq=1, event=Token(content="hi"))
     # Then they are equal, hash alike, copy, and cannot be changed
     assert read == made and hash(read) == hash(made)
