@@ -7,10 +7,10 @@ Each round hands the hub ``reads`` reads of one token each, then waits until eve
 has been woken once; a subscriber takes the benchmark consumer's notes (a receive time, two
 appends to its own array, the seq of its last token). Prints the process's CPU per wake-up
 (median of 5 repetitions, on the benchmarks' event loop, see ``$BENCH_LOOP``), which moves with
-the machine; with ``--instructions``, the
-instructions per wake-up instead, counted by valgrind's cachegrind (it must be installed): the
-script runs itself under it twice, with 10 and 60 rounds, and divides the difference, so start-up
-does not count. Instructions are the same from run to run, so a change of a few percent shows.
+the machine; with ``--instructions``, the instructions per wake-up instead, counted by
+valgrind's cachegrind (it must be installed): the script runs itself under it twice, with 10
+and 60 rounds, and divides the difference, so start-up does not count. Instructions are the
+same from run to run, so a change of a few percent shows.
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ from suite.common import run_async
 
 from runstate import Coordinator
 
-READS = (1, 3, 8)
-VARIANTS = ("runstate", "floor")
 DATA = json.dumps({"type": "token", "content": "x" * 20})
 
 
@@ -142,6 +140,8 @@ VARIANT: dict[str, Callable[[Driver, int, int, int], Awaitable[list[float]]]] = 
     "runstate": runstate_variant,
     "floor": floor_variant,
 }
+# (variant, reads per wake-up): the floor hands each read over on its own, one per wake-up.
+CASES = [("runstate", 1), ("runstate", 3), ("runstate", 8), ("floor", 1)]
 
 
 def instructions(args: argparse.Namespace, variant: str, reads: int) -> int:
@@ -170,15 +170,12 @@ def instructions(args: argparse.Namespace, variant: str, reads: int) -> int:
 
 
 async def measure(args: argparse.Namespace) -> None:
-    cases = (
-        [tuple(args.only.split(":"))] if args.only else [(v, r) for v in VARIANTS for r in READS]
-    )
+    cases = CASES
+    if args.only:
+        variant, reads = args.only.split(":")
+        cases = [(variant, int(reads))]
     for variant, reads in cases:
-        if variant == "floor" and int(reads) != 1:
-            continue  # the floor hands each read over on its own: one read per wake-up
-        per_wakeup = await VARIANT[variant](
-            Driver(args.subscribers), int(reads), args.rounds, args.reps
-        )
+        per_wakeup = await VARIANT[variant](Driver(args.subscribers), reads, args.rounds, args.reps)
         print(
             f"{variant:>8}, {reads} read(s) per wake-up: "
             f"{statistics.median(per_wakeup) * 1e6:.2f} µs of CPU per wake-up",
@@ -200,10 +197,9 @@ def main() -> int:
     if shutil.which("valgrind") is None:
         print("--instructions needs valgrind (e.g. apt-get install valgrind)", file=sys.stderr)
         return 2
-    for variant in VARIANTS:
-        for reads in READS if variant == "runstate" else (1,):
-            count = instructions(args, variant, reads)
-            print(f"{variant:>8}, {reads} read(s) per wake-up: {count:,} instructions per wake-up")
+    for variant, reads in CASES:
+        count = instructions(args, variant, reads)
+        print(f"{variant:>8}, {reads} read(s) per wake-up: {count:,} instructions per wake-up")
     return 0
 
 
