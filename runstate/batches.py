@@ -101,6 +101,7 @@ class Watch:
     Args:
         cursor: the stream id the hub's reader reads after.
         limit: how many events one subscriber may have left unread before it overflows.
+        key: the stream's key, as the reader names it in every read.
     """
 
     __slots__ = (
@@ -108,6 +109,7 @@ class Watch:
         "cursor",
         "group",
         "grouped",
+        "key",
         "limit",
         "log",
         "queue",
@@ -119,9 +121,10 @@ class Watch:
         "waiting",
     )
 
-    def __init__(self, cursor: str, limit: int) -> None:
+    def __init__(self, cursor: str, limit: int, key: str = "") -> None:
         self.cursor = cursor
         self.limit = limit
+        self.key = key
         self.subs: set[Subscriber] = set()
         self.log: deque[Batch] = deque()
         self.base = 0  # the position (counted in batches since the watch began) of log[0]

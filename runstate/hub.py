@@ -159,7 +159,8 @@ class Hub:
             raise RunstateError("the coordinator is closed")
         watch = self._watches.get(session_id)
         if watch is None:
-            watch = self._watches[session_id] = Watch(after, self._buffer)
+            key = self._store.keys.events(session_id)
+            watch = self._watches[session_id] = Watch(after, self._buffer, key)
             self._gen += 1
             self._idle.set()
             self._ensure_reader()
@@ -246,9 +247,8 @@ class Hub:
                 await self._idle.wait()
                 continue
             gen = self._gen
-            keys = self._store.keys
             reading = dict(self._watches)  # the watches this read is for, at their cursors
-            streams = {keys.events(sid): w.cursor for sid, w in reading.items()}
+            streams = {w.key: w.cursor for w in reading.values()}
             try:
                 if self._cluster:
                     result = await self._poll(streams)

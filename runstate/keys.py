@@ -120,8 +120,12 @@ class Keys:
     def __post_init__(self) -> None:
         validate_prefix(self.prefix)
 
+    def _tag(self, session_id: str) -> str:
+        """``<prefix>:{<session>}:``, what every per-session key starts with."""
+        return f"{self.prefix}:{{{validate_session_id(session_id)}}}:"
+
     def _session(self, session_id: str, suffix: str) -> str:
-        return f"{self.prefix}:{{{validate_session_id(session_id)}}}:{suffix}"
+        return self._tag(session_id) + suffix
 
     def runner(self, session_id: str) -> str:
         return self._session(session_id, "runner")
@@ -140,13 +144,8 @@ class Keys:
 
     def session_keys(self, session_id: str) -> list[str]:
         """The per-session keys in the order every per-session script receives them."""
-        return [
-            self.runner(session_id),
-            self.events(session_id),
-            self.critical(session_id),
-            self.cancel(session_id),
-            self.children(session_id),
-        ]
+        tag = self._tag(session_id)  # the id checked once, not once per key
+        return [tag + suffix for suffix in ("runner", "events", "critical", "cancel", "children")]
 
     def session_of(self, key: str) -> str | None:
         """The session id inside a per-session key of this prefix, or None."""

@@ -376,11 +376,12 @@ class Store:
             self.maxlen,
             self.retention,
         ]
-        active, runner = self.keys.active, self.keys.runner(session_id)
+        active = self.keys.active
         if not self.cluster:
             args.append(session_id)
             res = await self._script("finish", session_id, args, extra_keys=(active,))
         else:
+            runner = self.keys.runner(session_id)
 
             def unindex(pipe: Any) -> None:
                 pipe.zrem(active, session_id)
