@@ -331,3 +331,69 @@ async def test_a_kept_connection_the_server_closed_is_opened_again_before_use(
         ]
     finally:
         await client.aclose()
+
+
+async def test_replies_are_read_straight_from_the_parser_on_redis_py_connections(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given redis-py's own connections (the installed version), and a count of how replies
+    # are read
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    cls = client.connection_pool.connection_class
+    calls = {"read_response": 0, "parser": 0}
+    read_response, from_parser = cls.read_response, cls._read_response_from_parser
+
+    async def counted_read_response(conn: Any, *args: Any, **kwargs: Any) -> Any:
+        calls["read_response"] += 1
+        return await read_response(conn, *args, **kwargs)
+
+    async def counted_from_parser(conn: Any, *args: Any, **kwargs: Any) -> Any:
+        calls["parser"] += 1
+        return await from_parser(conn, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "_read_response_from_parser", counted_from_parser)
+    try:
+        auto = AutoPipeline(client)
+        for _ in range(2):  # both connections a batch and a lone command use are open
+            await asyncio.gather(*(auto.execute_command("PING") for _ in range(3)))
+        calls.update(read_response=0, parser=0)
+        # When a batch goes out
+        got = await asyncio.gather(*(auto.execute_command("ECHO", str(i)) for i in range(3)))
+        # Then its replies come straight from the parser, one timer for all of them, not
+        # through read_response's timer per reply (if redis-py moves its reading elsewhere,
+        # this fails: the replies would still come, but by the slower path)
+        assert got == ["0", "1", "2"]
+        assert calls == {"read_response": 0, "parser": 3}
+        # And a connection whose class reads otherwise (fakeredis's) is read reply by reply
+        monkeypatch.setattr(cls, "read_response", counted_read_response)
+        assert await asyncio.gather(
+            auto.execute_command("ECHO", "a"), auto.execute_command("ECHO", "b")
+        ) == ["a", "b"]
+        assert calls["read_response"] == 2
+    finally:
+        await client.aclose()
+
+
+async def test_replies_that_do_not_come_within_the_socket_timeout_fail_the_batch(
+    redis_url: str, prefix: str
+) -> None:
+    # Given a client with a short socket timeout, and a batch whose first reply comes later
+    # than that (a blocking pop that waits 1 s)
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=0.2)
+    try:
+        auto = AutoPipeline(client)
+        opener = asyncio.ensure_future(auto.execute_command("INCR", f"{prefix}:open"))
+        slow = auto.execute_command("BLPOP", f"{prefix}:empty", 1)
+        other = auto.execute_command("SET", f"{prefix}:k", "v")
+        # When the batch waits for its replies
+        results = await asyncio.gather(opener, slow, other, return_exceptions=True)
+        # Then every caller of the batch gets redis-py's (retryable) timeout error
+        assert results[0] == 1
+        assert all(isinstance(r, rexc.TimeoutError) for r in results[1:]), results
+        assert "Timeout reading from" in str(results[1])
+        # And the connection was closed, not handed on with the late replies still to come
+        await asyncio.sleep(1.0)
+        got = await asyncio.gather(*(auto.execute_command("ECHO", str(i)) for i in range(3)))
+        assert got == ["0", "1", "2"]
+    finally:
+        await client.aclose()
