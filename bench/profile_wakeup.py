@@ -18,11 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from array import array
@@ -34,7 +31,7 @@ import fakeredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from suite.common import run_async
+from suite.common import count_instructions, run_async
 
 from runstate import Coordinator
 
@@ -146,26 +143,18 @@ CASES = [("runstate", 1), ("runstate", 3), ("runstate", 8), ("floor", 1)]
 
 def instructions(args: argparse.Namespace, variant: str, reads: int) -> int:
     """Instructions per wake-up, from two runs under cachegrind (10 and 60 rounds)."""
-    counts: list[int] = []
-    for rounds in (10, 60):
-        command = [
-            "valgrind",
-            "--tool=cachegrind",
-            "--cache-sim=no",
-            "--cachegrind-out-file=/dev/null",
-            sys.executable,
-            __file__,
-            f"--subscribers={args.subscribers}",
-            f"--rounds={rounds}",
-            "--reps=1",
-            f"--only={variant}:{reads}",
-        ]
-        env = {**os.environ, "PYTHONHASHSEED": "0"}
-        done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
-        found = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
-        if found is None:
-            raise RuntimeError(f"no instruction count in valgrind's output:\n{done.stderr}")
-        counts.append(int(found.group(1).replace(",", "")))
+    counts = [
+        count_instructions(
+            [
+                __file__,
+                f"--subscribers={args.subscribers}",
+                f"--rounds={rounds}",
+                "--reps=1",
+                f"--only={variant}:{reads}",
+            ]
+        )
+        for rounds in (10, 60)
+    ]
     return (counts[1] - counts[0]) // (50 * int(args.subscribers))
 
 

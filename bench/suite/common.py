@@ -19,6 +19,7 @@ import atexit
 import contextlib
 import math
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -333,6 +334,19 @@ class Procs:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def count_instructions(argv: Sequence[str]) -> int:
+    """The instructions ``python argv...`` executes, counted by valgrind's cachegrind (which must
+    be installed); its subprocesses are not counted."""
+    command = ["valgrind", "--tool=cachegrind", "--cache-sim=no"]
+    command += ["--cachegrind-out-file=/dev/null", sys.executable, *argv]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    found = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
+    if found is None:
+        raise RuntimeError(f"no instruction count in valgrind's output:\n{done.stderr}")
+    return int(found.group(1).replace(",", ""))
 
 
 def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.01) -> None:
