@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -208,17 +209,31 @@ async def test_batched_replies_are_parsed_as_the_client_parses_them(
     assert replies == [1, True, {"a": "1", "b": "2"}, "v"]
 
 
+@contextlib.asynccontextmanager
+async def auto_pipeline(redis_url: str, **options: Any) -> AsyncIterator[tuple[Any, AutoPipeline]]:
+    """A client of the real server made with ``options``, and an auto-pipeline on it."""
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True, **options)
+    try:
+        yield client, AutoPipeline(client)
+    finally:
+        await client.aclose()
+
+
+def behind_a_slow_reply(auto: AutoPipeline, prefix: str, wait: float) -> list[asyncio.Future[Any]]:
+    """A command sent at once, then a batch of two whose first reply comes after ``wait``
+    seconds (a blocking pop on an empty list) and whose second is a SET."""
+    commands = [("INCR", f"{prefix}:open"), ("BLPOP", f"{prefix}:empty", wait)]
+    commands.append(("SET", f"{prefix}:k", "v"))
+    return [asyncio.ensure_future(auto.execute_command(*c)) for c in commands]
+
+
 async def test_a_batch_cut_off_mid_reply_leaves_no_reply_behind(
     redis_url: str, prefix: str
 ) -> None:
     # Given a client with a pool of two connections, and a batch whose first reply is slow
     # (a blocking pop that times out after 0.3 s)
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True, max_connections=2)
-    try:
-        auto = AutoPipeline(client)
-        opener = asyncio.ensure_future(auto.execute_command("INCR", f"{prefix}:open"))
-        leader = asyncio.ensure_future(auto.execute_command("BLPOP", f"{prefix}:empty", 0.3))
-        other = asyncio.ensure_future(auto.execute_command("SET", f"{prefix}:k", "v"))
+    async with auto_pipeline(redis_url, max_connections=2) as (client, auto):
+        opener, leader, other = behind_a_slow_reply(auto, prefix, 0.3)
         assert await opener == 1
         await asyncio.sleep(0.05)  # the batch is written; its replies are awaited
         # When its sender is cancelled while it reads the replies
@@ -238,8 +253,6 @@ async def test_a_batch_cut_off_mid_reply_leaves_no_reply_behind(
             )
             assert got[1:] == ["1", "x"]
         assert await client.get(f"{prefix}:n") == "3"
-    finally:
-        await client.aclose()
 
 
 @pytest.mark.parametrize(("pool_size", "kept"), [(64, 4), (32, 2), (16, 1), (4, 1)])
@@ -379,12 +392,8 @@ async def test_replies_that_do_not_come_within_the_socket_timeout_fail_the_batch
 ) -> None:
     # Given a client with a short socket timeout, and a batch whose first reply comes later
     # than that (a blocking pop that waits 1 s)
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=0.2)
-    try:
-        auto = AutoPipeline(client)
-        opener = asyncio.ensure_future(auto.execute_command("INCR", f"{prefix}:open"))
-        slow = auto.execute_command("BLPOP", f"{prefix}:empty", 1)
-        other = auto.execute_command("SET", f"{prefix}:k", "v")
+    async with auto_pipeline(redis_url, socket_timeout=0.2) as (_, auto):
+        opener, slow, other = behind_a_slow_reply(auto, prefix, 1)
         # When the batch waits for its replies
         results = await asyncio.gather(opener, slow, other, return_exceptions=True)
         # Then every caller of the batch gets redis-py's (retryable) timeout error
@@ -395,5 +404,3 @@ async def test_replies_that_do_not_come_within_the_socket_timeout_fail_the_batch
         await asyncio.sleep(1.0)
         got = await asyncio.gather(*(auto.execute_command("ECHO", str(i)) for i in range(3)))
         assert got == ["0", "1", "2"]
-    finally:
-        await client.aclose()
