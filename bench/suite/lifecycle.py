@@ -6,10 +6,10 @@ run has its own session. The others (:mod:`suite.compare`, run in ``bench/.venv`
 no-op job and wait until its result is seen, two worker processes each, on the same server.
 
 Per repetition: throughput (``JOBS`` runs, ``WINDOW`` in flight) and latency (``LATENCY_JOBS``
-runs one at a time, p50). The systems are measured in two passes in opposite orders (runstate,
-arq, SAQ, RQ, then RQ, SAQ, arq, runstate), ``reps()`` repetitions each time, so that the
-machine's drift over the minute the benchmark takes favours none of them; the table shows
-medians over both passes.
+runs one at a time, p50). The systems take turns in ``reps()`` passes, ``PER_PASS`` repetitions
+each, in orders that alternate (runstate, arq, SAQ, RQ, then RQ, SAQ, arq, runstate, and so on),
+so that the machine's drift over the minutes the benchmark takes favours none of them; the table
+shows medians over all passes.
 """
 
 from __future__ import annotations
@@ -53,6 +53,11 @@ JOBS = 1000
 LATENCY_JOBS = 40
 WARMUP = 40
 WINDOW = 40
+# Repetitions per pass. With two passes of five, a slowdown of the machine that lasted one
+# system's whole pass decided the ratio (runstate's five of one pass at 1,997-2,572 runs/s, of
+# the other at 2,417-3,524, SAQ's 1,458-2,171 throughout); with five passes of two, a system's
+# repetitions are spread over the whole benchmark.
+PER_PASS = 2
 SYSTEMS = ("arq", "saq", "rq")
 
 
@@ -83,7 +88,7 @@ async def run_many(coord: Coordinator, sessions: list[str], window: int) -> floa
 
 
 async def measure_runstate(url: str, tag: str, procs: Procs) -> dict[str, Any]:
-    """One pass of runstate: workers started, warmed up, ``reps()`` repetitions, stopped."""
+    """One pass of runstate: workers started, warmed up, ``PER_PASS`` repetitions, stopped."""
     prefix = f"{tag}-rs"
     cmd = [sys.executable, "-m", "workers", "suite.noop_agent:agent", "--redis-url", url]
     cmd += ["--prefix", prefix, "--concurrency", str(CONCURRENCY), "--log-level", "WARNING"]
@@ -108,7 +113,7 @@ async def measure_runstate(url: str, tag: str, procs: Procs) -> dict[str, Any]:
 
             await run_many(coord, sessions(scaled(WARMUP, 10)), WINDOW)
             throughput, p50, p99, execute = [], [], [], []
-            for _ in range(reps()):
+            for _ in range(PER_PASS):
                 throughput.append(jobs / await run_many(coord, sessions(jobs), WINDOW))
                 lat = []
                 for session in sessions(lat_jobs):
@@ -134,7 +139,7 @@ def measure_other(system: str, python: str, url: str, tag: str, procs: Procs) ->
     cmd = [python, "-m", "suite.compare", "bench", system, "--url", url, "--tag", tag]
     cmd += ["--out", str(out), "--logdir", str(procs.dir), "--workers", str(WORKERS)]
     cmd += ["--jobs", str(scaled(JOBS, 20)), "--latency-jobs", str(scaled(LATENCY_JOBS, 10))]
-    cmd += ["--warmup", str(scaled(WARMUP, 10)), "--window", str(WINDOW), "--reps", str(reps())]
+    cmd += ["--warmup", str(scaled(WARMUP, 10)), "--window", str(WINDOW), "--reps", str(PER_PASS)]
     proc = procs.start(f"{system}-bench", cmd)
     try:
         code = proc.wait(240)
@@ -153,7 +158,8 @@ def measure(url: str, tag: str) -> dict[str, Any]:
     python, why = compare_python()
     order = ("runstate", *SYSTEMS)
     with Procs() as procs:
-        for number, systems in enumerate((order, order[::-1])):
+        for number in range(reps()):
+            systems = order if number % 2 == 0 else order[::-1]
             pass_tag = f"{tag}-p{number}"  # fresh sessions and queues for each pass
             for system in systems:
                 if system in errors:
@@ -177,7 +183,7 @@ def measure(url: str, tag: str) -> dict[str, Any]:
 
 
 def pooled(system: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """The repetitions of both passes of one system, and their medians."""
+    """The repetitions of all passes of one system, and their medians."""
     throughput = [x for part in parts for x in part["throughput"]]
     p50 = [x for part in parts for x in part["latency_p50"]]
     p99 = [x for part in parts for x in part["latency_p99"]]
@@ -208,9 +214,10 @@ def run() -> list[Section]:
         f"{WORKERS} worker processes per system ({CONCURRENCY} jobs at once each; RQ's "
         f"SimpleWorker does one), all on the same server. Throughput: {scaled(JOBS, 20)} runs "
         f"with {WINDOW} in flight; latency: {scaled(LATENCY_JOBS, 10)} runs one at a time; "
-        f"two passes of {reps()} in opposite orders (runstate first, then last), median of all "
-        f"{2 * reps()}. arq is tuned to poll every 2 ms (queue and result; its default is "
-        "500 ms); SAQ waits through pub/sub, RQ through a blocking XREAD.",
+        f"{reps()} passes of {PER_PASS}, the systems taking turns in orders that alternate "
+        f"(runstate first, then last, ...), median of all {reps() * PER_PASS}. arq is tuned to "
+        "poll every 2 ms (queue and result; its default is 500 ms); SAQ waits through pub/sub, "
+        "RQ through a blocking XREAD.",
         data=data,
     )
     if best is not None:
@@ -269,7 +276,7 @@ def run() -> list[Section]:
     )
     section.notes.append(f"Throughput range over the repetitions (runs/s): {spread}.")
     section.notes.append(
-        "Wall time per system (both passes), worker start and stop included: "
+        "Wall time per system (all passes), worker start and stop included: "
         + ", ".join(f"{name} {secs:.1f} s" for name, secs in data["took"].items())
         + "."
     )
